@@ -1,0 +1,12 @@
+"""defectflow: unsupervised visual anomaly detection for industrial inspection."""
+
+from .data.folder import AnomalyFolder
+from .errors import CheckpointError, ConfigError, DataError, DefectflowError, WeightsError
+from .methods import METHODS, Detector, Evaluation, Prediction, create, load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AnomalyFolder", "CheckpointError", "ConfigError", "DataError", "DefectflowError", "Detector",
+    "Evaluation", "METHODS", "Prediction", "WeightsError", "create", "load",
+]

@@ -1,0 +1,151 @@
+"""Datasets in the MVTec AD folder layout (and BTAD's naming of it).
+
+    <root>/train/good/*.png                      normal training images ("ok" in BTAD)
+    <root>/test/good/*.png, <root>/test/<type>/  normal and defective test images
+    <root>/ground_truth/<type>/<stem>_mask.png   pixel masks (BTAD: <stem>.png or <stem>.bmp)
+
+A category without a ground_truth folder is evaluated at image level only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from .images import IMAGE_EXTENSIONS, load_mask, read_image, resize_image
+
+GOOD_NAMES = ("good", "ok")
+_MASK_PATTERNS = ("{stem}_mask.png", "{stem}.png", "{stem}.bmp", "{stem}_mask.bmp", "{stem}_mask.tif", "{stem}.tif")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image on disk. label is 0 for a normal part, 1 for a defective one."""
+
+    path: Path
+    label: int
+    defect_type: str
+    mask_path: Path | None = None
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files in a folder, sorted; an error naming the folder when there are none."""
+    if not folder.is_dir():
+        raise DataError(f"Folder not found: {folder}")
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise DataError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    return images
+
+
+def _good_folder(split_dir: Path) -> Path | None:
+    for name in GOOD_NAMES:
+        if (split_dir / name).is_dir():
+            return split_dir / name
+    return None
+
+
+def _find_mask(ground_truth: Path, defect_type: str, image: Path) -> Path:
+    candidates = [ground_truth / defect_type / pattern.format(stem=image.stem) for pattern in _MASK_PATTERNS]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise DataError(
+        f"No mask for defective image {image}: expected {candidates[0]} "
+        f"(or {', '.join(c.name for c in candidates[1:])}). Add the mask, or remove {ground_truth} "
+        "to evaluate this category at image level only."
+    )
+
+
+@dataclass(frozen=True)
+class AnomalyFolder:
+    """The train and test samples of one category folder."""
+
+    root: Path
+    train: tuple[Sample, ...]
+    test: tuple[Sample, ...]
+    has_masks: bool
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @classmethod
+    def scan(cls, root: str | Path, require_test: bool = True) -> "AnomalyFolder":
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"Dataset folder not found: {root}")
+        train_dir = root / "train"
+        good = _good_folder(train_dir)
+        if good is None:
+            raise DataError(
+                f"{root} is not in the MVTec AD layout: expected normal training images in "
+                f"{train_dir / 'good'} (or {train_dir / 'ok'} as in BTAD)."
+            )
+        train = tuple(Sample(p, 0, good.name) for p in list_images(good))
+        test = cls._scan_test(root) if require_test or (root / "test").is_dir() else ()
+        has_masks = (root / "ground_truth").is_dir()
+        return cls(root=root, train=train, test=test, has_masks=has_masks)
+
+    @staticmethod
+    def _scan_test(root: Path) -> tuple[Sample, ...]:
+        test_dir = root / "test"
+        if not test_dir.is_dir():
+            raise DataError(f"Test folder not found: {test_dir} (expected test/good and test/<defect type>).")
+        ground_truth = root / "ground_truth"
+        samples: list[Sample] = []
+        for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+            is_good = type_dir.name in GOOD_NAMES
+            for image in list_images(type_dir):
+                if is_good:
+                    samples.append(Sample(image, 0, type_dir.name))
+                else:
+                    mask = _find_mask(ground_truth, type_dir.name, image) if ground_truth.is_dir() else None
+                    samples.append(Sample(image, 1, type_dir.name, mask))
+        if not samples:
+            raise DataError(f"No test images in {test_dir}")
+        return tuple(samples)
+
+
+class ImageDataset(Dataset):
+    """Loads samples as {"image": 3xSxS in [0,1], "mask": 1xSxS of 0/1, "label", "index"}.
+
+    Normal images get an all-zero mask; defective images without a mask get an all-zero mask too,
+    and the caller knows from AnomalyFolder.has_masks that pixel metrics are not available.
+    """
+
+    def __init__(self, samples: Sequence[Sample], size: int) -> None:
+        self.samples = list(samples)
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        full = read_image(sample.path)
+        if sample.mask_path is not None:
+            height, width = full.shape[-2:]
+            mask = load_mask(sample.mask_path, self.size, expected_size=(width, height))
+        else:
+            mask = torch.zeros(1, self.size, self.size)
+        return {"image": resize_image(full, self.size), "mask": mask, "label": sample.label, "index": index}
+
+
+def samples_from_paths(paths: Sequence[str | Path]) -> list[Sample]:
+    """Unlabelled samples for prediction: files as given, folders expanded to their images."""
+    samples: list[Sample] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            samples.extend(Sample(p, -1, "") for p in list_images(path))
+        elif path.is_file():
+            samples.append(Sample(path, -1, ""))
+        else:
+            raise DataError(f"Not found: {path}")
+    return samples

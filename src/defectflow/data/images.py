@@ -1,0 +1,83 @@
+"""Reading images and masks from disk into tensors of a fixed size.
+
+Every image becomes float RGB in [0, 1] whatever its mode (L, P, RGBA, CMYK, 16-bit, float);
+normalisation for a backbone happens in the extractor, so synthetic-defect code can work in
+plain [0, 1] pixel space.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise DataError(f"Image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(
+            f"Cannot read image {path}: {exc}. Replace or remove the file (is it truncated or not an image?)."
+        ) from None
+    return image
+
+
+def _to_float_rgb(image: Image.Image) -> np.ndarray:
+    """HxWx3 float32 in [0, 1] for any PIL mode."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        array = np.asarray(image, dtype=np.float32)
+        scale = 65535.0 if array.max(initial=0) > 255 or image.mode != "I" else 255.0
+        array = np.clip(array / scale, 0.0, 1.0)
+        return np.repeat(array[..., None], 3, axis=2)
+    if image.mode == "F":
+        array = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+        return np.repeat(array[..., None], 3, axis=2)
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """3 x H x W float tensor in [0, 1] at the file's own resolution."""
+    array = _to_float_rgb(_open(Path(path)))
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+
+
+def load_image(path: str | Path, size: int) -> torch.Tensor:
+    """3 x size x size float tensor in [0, 1] (antialiased bilinear resize)."""
+    return resize_image(read_image(path), size)
+
+
+def resize_image(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    if tensor.shape[-2:] == (size, size):
+        return tensor.contiguous()
+    resized = F.interpolate(tensor[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return resized[0].clamp_(0.0, 1.0)
+
+
+def load_mask(path: str | Path, size: int, expected_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """1 x size x size float tensor of 0/1. Nearest-neighbour resize keeps it binary.
+
+    expected_size is the (width, height) of the image the mask belongs to; a mismatch is an error
+    because a mask of another size usually belongs to another image or another resolution.
+    """
+    path = Path(path)
+    image = _open(path)
+    if expected_size is not None and image.size != tuple(expected_size):
+        raise DataError(
+            f"Mask {path} is {image.size[0]}x{image.size[1]} but its image is "
+            f"{expected_size[0]}x{expected_size[1]}. Masks must have the size of their image."
+        )
+    array = np.asarray(image.convert("L") if image.mode not in _SIXTEEN_BIT_MODES | {"F"} else image)
+    binary = torch.from_numpy((array > 0).astype(np.float32))[None, None]
+    return F.interpolate(binary, size=(size, size), mode="nearest")[0]

@@ -1,0 +1,149 @@
+"""Multi-scale feature extractors: any timm model, or torchvision's ResNets and AlexNet.
+
+Levels are numbered as timm numbers feature stages (for ResNets: 1 = layer1 ... 4 = layer4), so
+the paper's "layers 2-4" is levels (2, 3, 4) for both libraries.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import WeightsError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# torchvision models: level index -> node name for create_feature_extractor.
+_TORCHVISION_RESNET_NODES = {0: "relu", 1: "layer1", 2: "layer2", 3: "layer3", 4: "layer4"}
+_TORCHVISION_NODES = {
+    "resnet18": _TORCHVISION_RESNET_NODES,
+    "wide_resnet50_2": _TORCHVISION_RESNET_NODES,
+    # AlexNet's ReLU outputs after each pooling stage (DifferNet pools the last one).
+    "alexnet": {0: "features.2", 1: "features.5", 2: "features.12"},
+}
+TORCHVISION_MODELS = tuple(_TORCHVISION_NODES)
+
+
+def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
+    """Weights from a local file, without unpickling arbitrary objects."""
+    if not path.is_file():
+        raise WeightsError(f"Weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the file is unusable
+        raise WeightsError(f"Cannot read weights file {path}: {exc}") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} does not hold a state dict of tensors.")
+    return state
+
+
+def _no_weights_help(name: str, library: str, exc: Exception) -> WeightsError:
+    where = (
+        "the Hugging Face hub cache (set HF_HOME to a folder that holds it; HF_HUB_OFFLINE=1 when offline)"
+        if library == "timm"
+        else "torch's hub cache (~/.cache/torch/hub/checkpoints, or $TORCH_HOME)"
+    )
+    return WeightsError(
+        f"Pretrained weights for {name} could not be loaded ({type(exc).__name__}: {exc}). "
+        f"Download them once on a machine with internet into {where}, or pass --weights FILE "
+        "with a local .safetensors/.pth state dict of this model."
+    )
+
+
+class FeatureExtractor(nn.Module):
+    """images in [0, 1] -> list of feature maps, one per requested level (shallow to deep).
+
+    BatchNorm layers always use their stored statistics, even in train mode, so fine-tuning
+    (the paper's stage 1) changes weights but not normalisation statistics.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        levels: Sequence[int],
+        pretrained: bool = True,
+        weights: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.levels = tuple(int(level) for level in levels)
+        if name in _TORCHVISION_NODES:
+            self.body, mean, std = self._build_torchvision(name, pretrained, weights)
+        else:
+            self.body, mean, std = self._build_timm(name, pretrained, weights)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        with torch.no_grad():
+            probe = self.body(torch.zeros(1, 3, 64, 64))
+        outputs = list(probe.values()) if isinstance(probe, dict) else list(probe)
+        self.channels = tuple(int(f.shape[1]) for f in outputs)
+        self.train(False)
+
+    def _build_timm(self, name: str, pretrained: bool, weights: str | Path | None):
+        import timm
+
+        if not timm.is_model(name):
+            raise WeightsError(
+                f"Unknown backbone {name!r}: use a timm model name or one of {', '.join(TORCHVISION_MODELS)}."
+            )
+        kwargs = {"features_only": True, "out_indices": self.levels}
+        try:
+            if weights is not None:
+                model = timm.create_model(name, pretrained=False, **kwargs)
+                state = _load_state_file(Path(weights))
+                missing, _ = model.load_state_dict(state, strict=False)
+                if missing:
+                    raise WeightsError(f"{weights} does not fit {name}: missing {', '.join(missing[:5])} ...")
+            else:
+                model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        except (IndexError, AssertionError) as exc:
+            raise WeightsError(f"{name} has no feature levels {self.levels}: {exc}") from None
+        except WeightsError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - hub errors come in many types
+            raise _no_weights_help(name, "timm", exc) from None
+        config = model.pretrained_cfg
+        return model, config.get("mean", IMAGENET_MEAN), config.get("std", IMAGENET_STD)
+
+    def _build_torchvision(self, name: str, pretrained: bool, weights: str | Path | None):
+        import torchvision
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        nodes = _TORCHVISION_NODES[name]
+        unknown = [level for level in self.levels if level not in nodes]
+        if unknown:
+            raise WeightsError(f"{name} has feature levels {sorted(nodes)}, not {unknown}.")
+        try:
+            model = torchvision.models.get_model(
+                name, weights="DEFAULT" if pretrained and weights is None else None
+            )
+        except Exception as exc:  # noqa: BLE001 - download errors come in many types
+            raise _no_weights_help(name, "torchvision", exc) from None
+        if weights is not None:
+            try:
+                model.load_state_dict(_load_state_file(Path(weights)))
+            except RuntimeError as exc:
+                raise WeightsError(f"{weights} does not fit {name}: {exc}") from None
+        body = create_feature_extractor(model, return_nodes={nodes[level]: str(level) for level in self.levels})
+        return body, IMAGENET_MEAN, IMAGENET_STD
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        features = self.body((images - self.mean) / self.std)
+        return list(features.values()) if isinstance(features, dict) else list(features)

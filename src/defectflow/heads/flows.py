@@ -1,0 +1,92 @@
+"""Conditional normalizing flows over feature vectors (CFlow-AD's decoders), built with FrEIA.
+
+Each feature level gets its own flow. A feature vector x at grid position (i, j) is mapped to a
+latent z under a standard normal, conditioned on a 2-D sinusoidal encoding of (i, j); its
+log-likelihood per dimension is the score the anomaly map is made of.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import FrEIA.framework as Ff
+import FrEIA.modules as Fm
+import torch
+from torch import nn
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def positional_encoding_2d(dim: int, height: int, width: int) -> torch.Tensor:
+    """dim x height x width sinusoidal encoding: first half encodes the column, second the row."""
+    if dim % 4:
+        raise ValueError(f"Positional encoding size must be a multiple of 4, got {dim}")
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(0, half, 2, dtype=torch.float32) * -(math.log(10000.0) / half))
+    columns = torch.arange(width, dtype=torch.float32)[:, None] * frequencies  # W x half/2
+    rows = torch.arange(height, dtype=torch.float32)[:, None] * frequencies  # H x half/2
+    encoding = torch.zeros(dim, height, width)
+    encoding[0:half:2] = torch.sin(columns).T[:, None, :].expand(-1, height, -1)
+    encoding[1:half:2] = torch.cos(columns).T[:, None, :].expand(-1, height, -1)
+    encoding[half::2] = torch.sin(rows).T[:, :, None].expand(-1, -1, width)
+    encoding[half + 1::2] = torch.cos(rows).T[:, :, None].expand(-1, -1, width)
+    return encoding
+
+
+def _subnet(dims_in: int, dims_out: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(dims_in, 2 * dims_in), nn.ReLU(), nn.Linear(2 * dims_in, dims_out))
+
+
+def conditional_flow(channels: int, cond_dim: int, n_blocks: int, clamp: float) -> Ff.SequenceINN:
+    flow = Ff.SequenceINN(channels)
+    for _ in range(n_blocks):
+        flow.append(
+            Fm.AllInOneBlock,
+            cond=0,
+            cond_shape=(cond_dim,),
+            subnet_constructor=_subnet,
+            affine_clamping=clamp,
+            global_affine_type="SOFTPLUS",
+            permute_soft=True,
+        )
+    return flow
+
+
+def log_likelihood_per_dim(flow: Ff.SequenceINN, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """log p(x | cond) / C for N x C vectors under the flow (standard normal base)."""
+    z, log_jac_det = flow(x, c=[cond])
+    channels = x.shape[1]
+    log_p = -0.5 * (z.pow(2).sum(dim=1) + channels * _LOG_2PI) + log_jac_det
+    return log_p / channels
+
+
+class ConditionalFlows(nn.Module):
+    """One conditional flow per feature level; maps feature maps to per-level log-likelihood maps."""
+
+    def __init__(self, channels: Sequence[int], cond_dim: int = 128, n_blocks: int = 8, clamp: float = 1.9) -> None:
+        super().__init__()
+        self.cond_dim = cond_dim
+        self.flows = nn.ModuleList(conditional_flow(c, cond_dim, n_blocks, clamp) for c in channels)
+
+    def condition(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """(H*W) x cond_dim positional conditions in row-major order of the grid."""
+        return positional_encoding_2d(self.cond_dim, height, width).to(device).flatten(1).T
+
+    def vector_log_likelihood(self, level: int, vectors: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """N x C feature vectors with N x cond_dim conditions -> N log-likelihoods per dimension."""
+        return log_likelihood_per_dim(self.flows[level], vectors, cond)
+
+    def level_log_likelihood(self, level: int, features: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+        """B x C x h x w features -> B x h x w log-likelihood per dimension, in chunks to bound memory."""
+        batch, channels, height, width = features.shape
+        vectors = features.permute(0, 2, 3, 1).reshape(-1, channels)
+        cond = self.condition(height, width, features.device).repeat(batch, 1)
+        out = torch.cat([
+            self.vector_log_likelihood(level, vectors[i:i + chunk], cond[i:i + chunk])
+            for i in range(0, vectors.shape[0], chunk)
+        ])
+        return out.view(batch, height, width)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.level_log_likelihood(level, f) for level, f in enumerate(features)]

@@ -1,0 +1,179 @@
+"""CFlow-AD (Gudovskiy et al., WACV 2022): conditional flows on a frozen pretrained extractor.
+
+The extractor is frozen, so its features are computed once per training image and the flows
+are trained on those cached features; the reference code runs the extractor again in every
+epoch, which is most of its training time on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data.folder import Sample
+from ..errors import ConfigError
+from ..features.extractor import FeatureExtractor
+from ..heads.flows import ConditionalFlows
+from ..scoring import flow_anomaly_map, normalise, smooth
+from .base import Detector, DetectorConfig
+
+
+@dataclass
+class CFlowConfig(DetectorConfig):
+    coupling_blocks: int = 8
+    clamp: float = 1.9
+    condition_dim: int = 128
+    fiber_batch: int = 256  # feature vectors per optimisation step
+    lr: float = 2e-4
+    meta_epochs: int = 3
+    sub_epochs: int = 2
+    warmup_meta_epochs: float = 0.5  # linear warm-up from lr/10, then cosine decay to lr/1000
+
+    def validate(self) -> None:
+        super().validate()
+        if self.condition_dim % 4:
+            raise ConfigError(f"condition_dim must be a multiple of 4, got {self.condition_dim}")
+        for name in ("coupling_blocks", "fiber_batch", "meta_epochs", "sub_epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+def lr_factor(step: int, steps_per_meta: int, meta_epochs: int, warmup_meta: float) -> float:
+    """CFlow-AD's schedule as a multiple of the base lr: warm-up, then cosine per meta-epoch."""
+    floor = 1e-3
+    meta = min(step // steps_per_meta, meta_epochs - 1)
+    cosine = floor + (1 - floor) * (1 + math.cos(math.pi * meta / meta_epochs)) / 2
+    warmup_steps = warmup_meta * steps_per_meta
+    if step < warmup_steps:
+        top = floor + (1 - floor) * (1 + math.cos(math.pi * warmup_meta / meta_epochs)) / 2
+        return 0.1 + (top - 0.1) * step / warmup_steps
+    return cosine
+
+
+class FlowMapModel(nn.Module):
+    """Extractor + conditional flows + calibration: images -> {"map": normalised anomaly map}.
+
+    The calibration buffers hold each level's reference log-likelihood and the low/high values
+    of the map on normal training images; they are part of the state dict, so a loaded model
+    scores exactly as the trained one did.
+    """
+
+    def __init__(self, extractor: FeatureExtractor, flows: ConditionalFlows, input_size: int, sigma: float) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.flows = flows
+        self.input_size = input_size
+        self.sigma = sigma
+        n_levels = len(flows.flows)
+        self.register_buffer("level_reference", torch.zeros(n_levels))
+        self.register_buffer("map_low", torch.tensor(0.0))
+        self.register_buffer("map_high", torch.tensor(1.0))
+
+    def raw_map(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        ll = self.flows(features)
+        return smooth(flow_anomaly_map(ll, self.level_reference, self.input_size), self.sigma)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        raw = self.raw_map(self.extractor(images))
+        return {"map": normalise(raw, self.map_low, self.map_high)}
+
+
+@torch.no_grad()
+def extract_features(extractor: nn.Module, loader, device: torch.device, progress: bool, desc: str) -> list[torch.Tensor]:
+    """Features of every image in the loader, per level, on the device."""
+    extractor.eval()
+    per_level: list[list[torch.Tensor]] = []
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        for level, feature in enumerate(extractor(batch["image"].to(device))):
+            if len(per_level) <= level:
+                per_level.append([])
+            per_level[level].append(feature)
+    return [torch.cat(level) for level in per_level]
+
+
+def train_flows(
+    flows: ConditionalFlows, features: Sequence[torch.Tensor], config: CFlowConfig, progress: bool
+) -> list[float]:
+    """Maximum likelihood on random batches of cached feature vectors; returns loss per epoch."""
+    device = features[0].device
+    vectors = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features]
+    conditions = [flows.condition(f.shape[2], f.shape[3], device) for f in features]
+    positions = [f.shape[2] * f.shape[3] for f in features]
+    steps_per_epoch = sum(math.ceil(len(v) / config.fiber_batch) for v in vectors)
+    optimizer = torch.optim.Adam(flows.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_factor(step, steps_per_epoch * config.sub_epochs, config.meta_epochs, config.warmup_meta_epochs),
+    )
+    epochs = config.meta_epochs * config.sub_epochs
+    history = []
+    flows.train()
+    bar = tqdm(range(epochs), desc="train flows", disable=not progress)
+    for _ in bar:
+        total, count = 0.0, 0
+        for level, (level_vectors, cond) in enumerate(zip(vectors, conditions)):
+            order = torch.randperm(len(level_vectors), device=device)
+            for start in range(0, len(order), config.fiber_batch):
+                index = order[start:start + config.fiber_batch]
+                log_likelihood = flows.vector_log_likelihood(level, level_vectors[index], cond[index % positions[level]])
+                loss = -log_likelihood.mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                total += loss.item() * len(index)
+                count += len(index)
+        history.append(total / count)
+        bar.set_postfix(nll=f"{history[-1]:.4f}")
+    flows.eval()
+    return history
+
+
+class CFlowDetector(Detector):
+    method = "cflow"
+    config_class = CFlowConfig
+    config: CFlowConfig
+
+    def build_extractor(self, pretrained: bool) -> FeatureExtractor:
+        c = self.config
+        return FeatureExtractor(c.backbone, c.levels, pretrained=pretrained, weights=c.weights if pretrained else None)
+
+    def build_model(self, pretrained: bool) -> FlowMapModel:
+        c = self.config
+        extractor = self.build_extractor(pretrained)
+        flows = ConditionalFlows(extractor.channels, c.condition_dim, c.coupling_blocks, c.clamp)
+        return FlowMapModel(extractor, flows, c.input_size, c.smoothing_sigma)
+
+    def _fit(self, train: list[Sample], progress: bool) -> None:
+        model = self.build_model(pretrained=True).to(self.device)
+        model.extractor.requires_grad_(False)
+        self.model = model
+        start = time.perf_counter()
+        features = extract_features(model.extractor, self.loader(train), self.device, progress, "extract features")
+        self.fit_seconds["extract"] = time.perf_counter() - start
+        start = time.perf_counter()
+        self.loss_history = train_flows(model.flows, features, self.config, progress)
+        self.fit_seconds["flows"] = time.perf_counter() - start
+        calibrate_flow_map(model, features)
+
+
+@torch.no_grad()
+def calibrate_flow_map(model: FlowMapModel, features: Sequence[torch.Tensor], chunk: int = 16) -> None:
+    """Set the per-level references and the map's low/high from normal training features."""
+    model.eval()
+    n_images = features[0].shape[0]
+    level_ll = [torch.cat([model.flows.level_log_likelihood(level, f[i:i + chunk]) for i in range(0, n_images, chunk)])
+                for level, f in enumerate(features)]
+    model.level_reference.copy_(torch.stack([ll.max() for ll in level_ll]))
+    raw = torch.cat([
+        smooth(flow_anomaly_map([ll[i:i + chunk] for ll in level_ll], model.level_reference, model.input_size), model.sigma)
+        for i in range(0, n_images, chunk)
+    ])
+    model.map_low.copy_(raw.mean())
+    model.map_high.copy_(raw.max())

@@ -1,0 +1,84 @@
+"""Results as people read them: the papers' table, JSON and CSV files, heatmap overlays."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .metrics import METRIC_NAMES, METRIC_TITLES
+
+NOT_AVAILABLE = "n/a"
+
+
+def _percent(value: float | None) -> str:
+    return NOT_AVAILABLE if value is None else f"{100.0 * value:.2f}"
+
+
+def format_table(
+    rows: Iterable[tuple[str, dict[str, float | None], float | None, float | None]], time_columns: bool = False
+) -> str:
+    """Markdown table in the papers' column order; rows are (name, metrics, train s, ms/image)."""
+    header = ["", *(METRIC_TITLES[m] for m in METRIC_NAMES)]
+    if time_columns:
+        header += ["Train s", "ms/img"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, metrics, seconds, ms in rows:
+        cells = [name, *(_percent(metrics.get(m)) for m in METRIC_NAMES)]
+        if time_columns:
+            cells += [NOT_AVAILABLE if seconds is None else f"{seconds:.1f}", NOT_AVAILABLE if ms is None else f"{ms:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def mean_row(results: Sequence[dict[str, float | None]]) -> dict[str, float | None]:
+    """Average of each metric over categories that have it (None when none has)."""
+    mean: dict[str, float | None] = {}
+    for name in METRIC_NAMES:
+        values = [r[name] for r in results if r.get(name) is not None]
+        mean[name] = float(np.mean(values)) if values else None
+    return mean
+
+
+def write_results(out_dir: str | Path, results: dict[str, dict[str, float | None]], extra: dict | None = None) -> tuple[Path, Path]:
+    """results.json and results.csv, one row per category plus the mean."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = dict(results)
+    if len(results) > 1:
+        table["mean"] = mean_row(list(results.values()))
+    json_path, csv_path = out_dir / "results.json", out_dir / "results.csv"
+    json_path.write_text(json.dumps({"results": table, **(extra or {})}, indent=2))
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["category", *METRIC_NAMES])
+        for category, metrics in table.items():
+            writer.writerow([category, *("" if metrics.get(m) is None else f"{metrics[m]:.6f}" for m in METRIC_NAMES)])
+    return json_path, csv_path
+
+
+def _colormap(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> HxWx3 uint8 colours (matplotlib's 'jet')."""
+    from matplotlib import colormaps
+
+    return (colormaps["jet"](np.clip(values, 0.0, 1.0))[..., :3] * 255).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, anomaly_map: np.ndarray, vmax: float = 2.0, alpha: float = 0.5) -> np.ndarray:
+    """Heatmap over the image. image is HxWx3 in [0, 1]; the map is calibrated (1 = the most
+    anomalous pixel of normal training images), shown from 0 to vmax."""
+    heat = _colormap(anomaly_map / vmax).astype(np.float32) / 255.0
+    return ((1 - alpha) * image + alpha * heat).clip(0, 1)
+
+
+def save_overlay(path: str | Path, image: np.ndarray, anomaly_map: np.ndarray, vmax: float = 2.0) -> Path:
+    """Input and overlay side by side, as one PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture = np.concatenate([image, overlay(image, anomaly_map, vmax)], axis=1)
+    Image.fromarray((picture * 255).astype(np.uint8)).save(path)
+    return path
