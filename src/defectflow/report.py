@@ -82,3 +82,15 @@ def save_overlay(path: str | Path, image: np.ndarray, anomaly_map: np.ndarray, v
     picture = np.concatenate([image, overlay(image, anomaly_map, vmax)], axis=1)
     Image.fromarray((picture * 255).astype(np.uint8)).save(path)
     return path
+
+
+def write_heatmaps(out_dir: str | Path, prediction, input_size: int, names: Sequence[str] | None = None) -> Path:
+    """One PNG per image (input | heatmap overlay) below out_dir, keeping the input's sub-folder."""
+    from .data.images import load_image
+
+    out_dir = Path(out_dir)
+    for index, (path, anomaly_map) in enumerate(zip(prediction.paths, prediction.maps)):
+        image = load_image(path, input_size).permute(1, 2, 0).numpy()
+        name = names[index] if names is not None else Path(path).stem
+        save_overlay(out_dir / f"{name}.png", image, anomaly_map)
+    return out_dir

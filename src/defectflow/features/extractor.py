@@ -83,11 +83,9 @@ class FeatureExtractor(nn.Module):
             self.body, mean, std = self._build_timm(name, pretrained, weights)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.train(False)  # before the probe: a forward pass in train mode would move BatchNorm statistics
         with torch.no_grad():
-            probe = self.body(torch.zeros(1, 3, 64, 64))
-        outputs = list(probe.values()) if isinstance(probe, dict) else list(probe)
-        self.channels = tuple(int(f.shape[1]) for f in outputs)
-        self.train(False)
+            self.channels = tuple(int(f.shape[1]) for f in self(torch.zeros(1, 3, 64, 64)))
 
     def _build_timm(self, name: str, pretrained: bool, weights: str | Path | None):
         import timm

@@ -25,21 +25,26 @@ from ..metrics import compute_metrics
 from ..scoring import IMAGE_REDUCTIONS, image_scores
 
 
+def option(default: Any, help: str) -> Any:
+    """A config field with its --help text; the CLI builds one flag per field."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DetectorConfig:
     """Options every method has. Methods extend this with their own."""
 
-    backbone: str = "tf_efficientnet_lite0"
-    levels: tuple[int, ...] = (2, 3, 4)
-    input_size: int = 256
-    pretrained: bool = True
-    weights: str | None = None  # local backbone weights file instead of the library's cache
-    image_score: str = "max"
-    smoothing_sigma: float = 4.0
-    batch_size: int = 16  # images per forward pass
-    seed: int = 0
-    device: str = "auto"
-    num_workers: int = 0
+    backbone: str = option("tf_efficientnet_lite0", "timm model name, or torchvision resnet18 / wide_resnet50_2 / alexnet")
+    levels: tuple[int, ...] = option((2, 3, 4), "feature levels of the backbone (ResNets: 2 3 4 = layer2-layer4)")
+    input_size: int = option(256, "images are resized to input_size x input_size (multiple of 32)")
+    pretrained: bool = option(True, "start from ImageNet weights (off only for tests: random weights detect nothing)")
+    weights: str | None = option(None, "local .safetensors/.pth backbone weights instead of the library's cache")
+    image_score: str = option("max", "image score from the anomaly map: max or mean")
+    smoothing_sigma: float = option(4.0, "Gaussian smoothing of the anomaly map in pixels (0: none)")
+    batch_size: int = option(16, "images per forward pass")
+    seed: int = option(0, "random seed for weights, shuffling and sampling")
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    num_workers: int = option(0, "data-loading worker processes")
 
     def validate(self) -> None:
         if self.input_size < 32 or self.input_size % 32:

@@ -21,19 +21,19 @@ from ..errors import ConfigError
 from ..features.extractor import FeatureExtractor
 from ..heads.flows import ConditionalFlows
 from ..scoring import flow_anomaly_map, normalise, smooth
-from .base import Detector, DetectorConfig
+from .base import Detector, DetectorConfig, option
 
 
 @dataclass
 class CFlowConfig(DetectorConfig):
-    coupling_blocks: int = 8
-    clamp: float = 1.9
-    condition_dim: int = 128
-    fiber_batch: int = 256  # feature vectors per optimisation step
-    lr: float = 2e-4
-    meta_epochs: int = 3
-    sub_epochs: int = 2
-    warmup_meta_epochs: float = 0.5  # linear warm-up from lr/10, then cosine decay to lr/1000
+    coupling_blocks: int = option(8, "coupling blocks per flow")
+    clamp: float = option(1.9, "soft clamp of the affine coupling scales")
+    condition_dim: int = option(128, "size of the 2-D positional condition (multiple of 4)")
+    fiber_batch: int = option(256, "feature vectors per optimisation step")
+    lr: float = option(2e-4, "Adam learning rate (after warm-up)")
+    meta_epochs: int = option(3, "meta-epochs: the cosine schedule steps once per meta-epoch")
+    sub_epochs: int = option(2, "passes over all cached training vectors per meta-epoch")
+    warmup_meta_epochs: float = option(0.5, "linear warm-up from lr/10, in meta-epochs")
 
     def validate(self) -> None:
         super().validate()

@@ -1,0 +1,78 @@
+"""CFlow-AD end to end on a handful of real bottle images with tiny settings."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import defectflow
+from defectflow.data.folder import AnomalyFolder
+from defectflow.errors import CheckpointError, ConfigError
+
+TINY = dict(input_size=128, meta_epochs=1, sub_epochs=2, fiber_batch=512, lr=1e-3, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def small_bottle(bottle: Path, tmp_path_factory: pytest.TempPathFactory) -> AnomalyFolder:
+    """12 train images, 3 good and 3 broken_large test images of the real category (no copy)."""
+    full = AnomalyFolder.scan(bottle)
+    test = [s for s in full.test if s.defect_type == "good"][:3] + [s for s in full.test if s.defect_type == "broken_large"][:3]
+    return AnomalyFolder(root=bottle, train=full.train[:12], test=tuple(test), has_masks=True)
+
+
+@pytest.fixture(scope="module")
+def trained(small_bottle: AnomalyFolder) -> defectflow.Detector:
+    return defectflow.create("cflow", **TINY).fit(small_bottle, progress=False)
+
+
+def test_detects_real_defects(trained: defectflow.Detector, small_bottle: AnomalyFolder) -> None:
+    evaluation = trained.evaluate(small_bottle, progress=False)
+    assert evaluation.prediction.maps.shape == (6, 128, 128)
+    assert evaluation.metrics["image_auroc"] >= 0.8
+    assert evaluation.metrics["pixel_auroc"] >= 0.8
+    assert 0 < evaluation.metrics["aupro"] <= 1
+    assert trained.loss_history[-1] < trained.loss_history[0]
+
+
+def test_calibration_uses_training_data_only(trained: defectflow.Detector, small_bottle: AnomalyFolder) -> None:
+    """A test image's score must not depend on which other test images are scored with it."""
+    together = trained.predict(list(small_bottle.test), progress=False).scores
+    alone = np.array([trained.predict([s], progress=False).scores[0] for s in small_bottle.test])
+    np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-5)
+    train_maps = trained.predict(list(small_bottle.train[:4]), progress=False).maps
+    assert np.median(train_maps) == pytest.approx(0.0, abs=0.5)  # normal pixels sit near 0
+    assert train_maps.max() <= 1.0 + 1e-4
+
+
+def test_save_load_gives_the_same_scores(trained: defectflow.Detector, small_bottle: AnomalyFolder, tmp_path: Path) -> None:
+    path = trained.save(tmp_path / "model")
+    loaded = defectflow.load(path)
+    assert loaded.config == trained.config
+    before = trained.predict(list(small_bottle.test), progress=False)
+    after = loaded.predict(list(small_bottle.test), progress=False)
+    np.testing.assert_allclose(after.scores, before.scores, rtol=1e-5)
+    np.testing.assert_allclose(after.maps, before.maps, rtol=1e-4, atol=1e-5)
+    with pytest.raises(CheckpointError, match="already exists"):
+        trained.save(path)
+
+
+def test_checkpoint_of_another_shape_is_refused(trained: defectflow.Detector, tmp_path: Path) -> None:
+    import json
+
+    path = trained.save(tmp_path / "model")
+    meta = json.loads((path / "config.json").read_text())
+    meta["config"]["coupling_blocks"] = 2  # weights no longer fit the config
+    (path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        defectflow.load(path)
+
+
+def test_bad_options_are_clear_errors() -> None:
+    with pytest.raises(ConfigError, match="input_size"):
+        defectflow.create("cflow", input_size=100)
+    with pytest.raises(ConfigError, match="no_such_option"):
+        defectflow.create("cflow", no_such_option=1)
+    with pytest.raises(ConfigError, match="Unknown method"):
+        defectflow.create("patchcore")
+    with pytest.raises(ConfigError, match="not trained"):
+        defectflow.create("cflow").predict(["x.png"])

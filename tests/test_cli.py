@@ -1,0 +1,75 @@
+"""The command line on tiny real data: train -> eval -> predict, errors, help."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from defectflow.cli import build_parser, main
+
+TINY = ["--input-size", "128", "--meta-epochs", "1", "--sub-epochs", "1", "--fiber-batch", "512", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def bottle_slice(bottle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A category folder of symlinks to 6 train and 4 test images of the real bottle."""
+    root = tmp_path_factory.mktemp("data") / "bottle"
+    picks = {
+        "train/good": sorted((bottle / "train" / "good").glob("*.png"))[:6],
+        "test/good": sorted((bottle / "test" / "good").glob("*.png"))[:2],
+        "test/broken_large": sorted((bottle / "test" / "broken_large").glob("*.png"))[:2],
+        "ground_truth/broken_large": sorted((bottle / "ground_truth" / "broken_large").glob("*.png"))[:2],
+    }
+    for folder, files in picks.items():
+        (root / folder).mkdir(parents=True)
+        for f in files:
+            (root / folder / f.name).symlink_to(f)
+    return root
+
+
+def test_help_documents_every_option(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--coupling-blocks", "--clamp", "--condition-dim", "--fiber-batch", "--meta-epochs",
+                 "--sub-epochs", "--backbone", "--levels", "--weights", "--overwrite"):
+        assert flag in text
+
+
+def test_train_eval_predict(bottle_slice: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model = tmp_path / "model"
+    assert main(["train", "--data", str(bottle_slice), "--out", str(model), *TINY]) == 0
+    assert (model / "model.safetensors").is_file()
+
+    results = tmp_path / "results"
+    assert main(["eval", "--checkpoint", str(model), "--data", str(bottle_slice), "--out", str(results), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "| Img AUROC | Pix AUROC | Pix AUPR | AUPRO |" in out
+    data = json.loads((results / "results.json").read_text())
+    assert set(data["results"]["bottle"]) == {"image_auroc", "pixel_auroc", "pixel_aupr", "aupro"}
+    rows = list(csv.DictReader((results / "results.csv").open()))
+    assert rows[0]["category"] == "bottle" and float(rows[0]["pixel_auroc"]) > 0.5
+    assert len(list((results / "heatmaps").rglob("*.png"))) == 4
+
+    predictions = tmp_path / "pred"
+    images = bottle_slice / "test" / "broken_large"
+    assert main(["predict", str(images), "--checkpoint", str(model), "--out", str(predictions), "--quiet"]) == 0
+    scores = list(csv.DictReader((predictions / "scores.csv").open()))
+    assert len(scores) == 2 and all(float(r["score"]) == float(r["score"]) for r in scores)
+    assert len(list((predictions / "heatmaps").glob("*.png"))) == 2
+
+    # nothing the user made is overwritten without asking
+    assert main(["train", "--data", str(bottle_slice), "--out", str(model), *TINY]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(model), "--data", str(bottle_slice), "--out", str(results), "--quiet"]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "m"), "--quiet"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path), "--data", str(tmp_path), "--quiet"]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--method", "nonsense", "--out", "x"])

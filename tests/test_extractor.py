@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from defectflow.errors import WeightsError
+from defectflow.features.extractor import FeatureExtractor
+
+
+@pytest.fixture(scope="module")
+def lite0() -> FeatureExtractor:
+    return FeatureExtractor("tf_efficientnet_lite0", (2, 3, 4))
+
+
+def test_pretrained_timm_levels(lite0: FeatureExtractor) -> None:
+    features = lite0(torch.rand(1, 3, 256, 256))
+    assert lite0.channels == (40, 112, 320)
+    assert [tuple(f.shape[-2:]) for f in features] == [(32, 32), (16, 16), (8, 8)]
+
+
+def test_pretrained_weights_are_not_random(lite0: FeatureExtractor) -> None:
+    random = FeatureExtractor("tf_efficientnet_lite0", (2, 3, 4), pretrained=False)
+    name, weight = next(iter(lite0.state_dict().items()))
+    assert not torch.allclose(weight, random.state_dict()[name])
+
+
+def test_batchnorm_statistics_stay_frozen_in_train_mode(lite0: FeatureExtractor) -> None:
+    lite0.train()
+    before = {k: v.clone() for k, v in lite0.state_dict().items() if "running_mean" in k}
+    lite0(torch.rand(2, 3, 64, 64) * 5)
+    after = {k: v for k, v in lite0.state_dict().items() if "running_mean" in k}
+    assert before and all(torch.equal(before[k], after[k]) for k in before)
+    bn = [m for m in lite0.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn and not any(m.training for m in bn)
+    lite0.eval()
+
+
+def test_local_weights_file(lite0: FeatureExtractor, tmp_path: Path) -> None:
+    path = tmp_path / "lite0.safetensors"
+    save_file({k: v.contiguous() for k, v in lite0.body.state_dict().items()}, str(path))
+    loaded = FeatureExtractor("tf_efficientnet_lite0", (2, 3, 4), weights=path)
+    x = torch.rand(1, 3, 64, 64)
+    assert all(torch.allclose(a, b) for a, b in zip(lite0(x), loaded(x)))
+
+
+def test_unusable_weights_file(tmp_path: Path) -> None:
+    path = tmp_path / "junk.pth"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="junk.pth"):
+        FeatureExtractor("tf_efficientnet_lite0", (2, 3, 4), weights=path)
+
+
+def test_weights_not_available_offline_gives_instructions() -> None:
+    # lite1 is not in the shared cache, and the hub is offline
+    with pytest.raises(WeightsError, match=r"tf_efficientnet_lite1.*HF_HOME.*--weights"):
+        FeatureExtractor("tf_efficientnet_lite1", (2, 3, 4))
+
+
+def test_unknown_backbone() -> None:
+    with pytest.raises(WeightsError, match="Unknown backbone"):
+        FeatureExtractor("no_such_net", (2,))
+
+
+@pytest.mark.parametrize("name, channels", [("resnet18", (128, 256, 512)), ("wide_resnet50_2", (512, 1024, 2048))])
+def test_torchvision_resnets_layers_2_to_4(name: str, channels: tuple[int, ...]) -> None:
+    extractor = FeatureExtractor(name, (2, 3, 4), pretrained=False)
+    features = extractor(torch.rand(1, 3, 64, 64))
+    assert extractor.channels == channels
+    assert [tuple(f.shape[-2:]) for f in features] == [(8, 8), (4, 4), (2, 2)]
+
+
+def test_torchvision_weights_unavailable_offline_gives_instructions(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache, and no network here
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(WeightsError, match=r"resnet18.*torch's hub cache.*--weights"):
+        FeatureExtractor("resnet18", (2, 3, 4))

@@ -1,0 +1,60 @@
+import math
+
+import pytest
+import torch
+
+from defectflow.heads.flows import ConditionalFlows, positional_encoding_2d
+from defectflow.methods.cflow import CFlowConfig, lr_factor, train_flows
+
+
+def test_positional_encoding_distinguishes_every_position() -> None:
+    encoding = positional_encoding_2d(32, 6, 5)
+    assert encoding.shape == (32, 6, 5)
+    vectors = encoding.flatten(1).T
+    distances = torch.cdist(vectors, vectors)
+    assert (distances + torch.eye(30) * 10).min() > 1e-3
+    # first half varies along the row only (encodes the column), second half along the column only
+    assert torch.allclose(encoding[:16, 0], encoding[:16, 5])
+    assert torch.allclose(encoding[16:, :, 0], encoding[16:, :, 4])
+    with pytest.raises(ValueError):
+        positional_encoding_2d(30, 4, 4)
+
+
+def test_log_likelihood_is_exact_change_of_variables() -> None:
+    torch.manual_seed(0)
+    flows = ConditionalFlows([6], cond_dim=8, n_blocks=2)
+    x = torch.randn(5, 6)
+    cond = torch.randn(5, 8)
+    z, log_det = flows.flows[0](x, c=[cond])
+    expected = (-0.5 * (z**2).sum(1) - 3 * math.log(2 * math.pi) + log_det) / 6
+    assert torch.allclose(flows.vector_log_likelihood(0, x, cond), expected, atol=1e-5)
+    x_back, _ = flows.flows[0](z, c=[cond], rev=True)
+    assert torch.allclose(x_back, x, atol=1e-4)
+
+
+def test_maps_have_feature_grid_shape() -> None:
+    flows = ConditionalFlows([4, 8], cond_dim=8, n_blocks=1)
+    out = flows([torch.randn(2, 4, 6, 6), torch.randn(2, 8, 3, 3)])
+    assert [o.shape for o in out] == [(2, 6, 6), (2, 3, 3)]
+
+
+def test_training_lowers_nll_and_prefers_the_training_distribution() -> None:
+    torch.manual_seed(0)
+    features = [3.0 + 0.5 * torch.randn(6, 4, 4, 4)]
+    flows = ConditionalFlows([4], cond_dim=8, n_blocks=2)
+    config = CFlowConfig(fiber_batch=16, meta_epochs=3, sub_epochs=2, lr=5e-3)
+    history = train_flows(flows, features, config, progress=False)
+    assert history[-1] < history[0] - 0.5
+    with torch.no_grad():
+        normal = flows([3.0 + 0.5 * torch.randn(2, 4, 4, 4)])[0].mean()
+        odd = flows([-3.0 + 0.5 * torch.randn(2, 4, 4, 4)])[0].mean()
+    assert normal > odd + 1.0
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    factors = [lr_factor(step, 10, 4, 0.5) for step in range(40)]
+    assert factors[0] == pytest.approx(0.1)
+    assert factors[4] > factors[0]  # warming up
+    assert max(factors) <= 1.0
+    assert factors[10] > factors[20] > factors[30] > 0  # cosine decay per meta-epoch
+    assert factors[11] == factors[19]  # constant within a meta-epoch
