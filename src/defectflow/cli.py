@@ -11,42 +11,52 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 from . import methods
 from .data import download as downloads
 from .data.elpv import prepare_elpv
 from .data.folder import AnomalyFolder, samples_from_paths
+from .data.images import load_image
+from .data.synthetic import DefectSynthesizer, TextureSource, sample_generator
 from .data.named import DATASETS, category_root
 from .errors import DefectflowError
-from .report import write_heatmaps
+from .report import save_synthetic_grid, write_heatmaps
 from .workflow import prepare_output, report_evaluation, train_and_evaluate
 
 
 # -- options generated from the methods' config dataclasses ----------------------------------
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field of every method (a field shared by several appears once)."""
-    group = parser.add_argument_group("method options (defaults shown; each method uses its own)")
-    seen: set[str] = set()
-    for detector in methods.METHODS.values():
+    """One flag per config field of every method; defaults are listed per method where they differ."""
+    group = parser.add_argument_group("method options (each method takes its own; see --method)")
+    fields: dict[str, tuple[dataclasses.Field, Any, dict[str, Any]]] = {}
+    for name, detector in methods.METHODS.items():
         hints = typing.get_type_hints(detector.config_class)
         for f in dataclasses.fields(detector.config_class):
-            if f.name in seen:
-                continue
-            seen.add(f.name)
-            flag = "--" + f.name.replace("_", "-")
-            text = f"{f.metadata.get('help', '')} (default: {f.default})"
-            hint = hints[f.name]
-            if hint is bool:
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-            elif typing.get_origin(hint) is tuple:
-                group.add_argument(flag, type=int, nargs="+", default=None, help=text)
-            else:
-                kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint) if typing.get_args(hint) else hint
-                group.add_argument(flag, type=kind, default=None, help=text)
+            fields.setdefault(f.name, (f, hints[f.name], {}))[2][name] = f.default
+    for name, (f, hint, defaults) in fields.items():
+        shown = ", ".join(f"{m} {v}" for m, v in defaults.items()) if len(set(map(str, defaults.values()))) > 1 else next(iter(defaults.values()))
+        text = f"{f.metadata.get('help', '')} (default: {shown})"
+        flag = "--" + name.replace("_", "-")
+        if hint is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif typing.get_origin(hint) is tuple:
+            group.add_argument(flag, type=int, nargs="+", default=None, help=text)
+        else:
+            kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint) if typing.get_args(hint) else hint
+            group.add_argument(flag, type=kind, default=None, help=text)
 
 
 def _config_overrides(args: argparse.Namespace, method: str) -> dict[str, Any]:
-    fields = {f.name for f in dataclasses.fields(methods.METHODS[method].config_class)}
-    return {name: (tuple(v) if isinstance(v, list) else v) for name, v in vars(args).items() if name in fields and v is not None}
+    """The options given on the command line; one the method does not have is an error."""
+    own = {f.name for f in dataclasses.fields(methods.METHODS[method].config_class)}
+    every = {f.name for d in methods.METHODS.values() for f in dataclasses.fields(d.config_class)}
+    given = {name: v for name, v in vars(args).items() if name in every and v is not None}
+    foreign = sorted(set(given) - own)
+    if foreign:
+        flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
+        raise DefectflowError(f"{flags} is not an option of --method {method}.")
+    return {name: (tuple(v) if isinstance(v, list) else v) for name, v in given.items()}
 
 
 # -- data selection --------------------------------------------------------------------------
@@ -121,6 +131,20 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print(f"Scores and heatmaps written to {out}")
 
 
+def cmd_synth(args: argparse.Namespace) -> None:
+    folder = _folder(args)
+    train = folder.train
+    images = torch.stack([load_image(s.path, args.input_size) for s in train[: max(args.count, 8)]])
+    source = TextureSource(args.input_size, args.texture_dir, normal_images=images)
+    synthesizer = DefectSynthesizer(source, use_foreground=args.foreground)
+    samples = [
+        synthesizer(images[i % len(images)], sample_generator(args.seed, i), force=True) for i in range(args.count)
+    ]
+    if args.out.exists() and not args.overwrite:
+        raise DefectflowError(f"{args.out} already exists; choose another --out or pass --overwrite.")
+    print(f"{args.count} synthetic defects written to {save_synthetic_grid(args.out, samples)}")
+
+
 def cmd_download(args: argparse.Namespace) -> None:
     root = downloads.fetch(args.name, args.root, url=args.url, sha256=args.sha256, progress=not args.quiet)
     print(f"{args.name} is ready in {root}")
@@ -164,6 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, help="output folder (default: runs/predict-<time>)")
     predict.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     predict.add_argument("--device", help="override the checkpoint's device (cpu, cuda)")
+
+    synth = command("synth", cmd_synth, "write a picture of synthetic defects on a category's training images")
+    synth.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    synth.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    synth.add_argument("--count", type=int, default=8, help="number of samples in the grid")
+    synth.add_argument("--input-size", type=int, default=256, help="image size")
+    synth.add_argument("--texture-dir", help="texture images (e.g. DTD); default: textures made here")
+    synth.add_argument("--foreground", action="store_true", help="defects on the object only")
+    synth.add_argument("--seed", type=int, default=0, help="random seed")
+    _add_data_options(synth)
 
     fetch = command("download", cmd_download, "download and unpack MVTec AD, BTAD or DTD (needs internet)")
     fetch.add_argument("name", choices=list(downloads.ARCHIVES), help="dataset to fetch")

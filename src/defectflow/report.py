@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from PIL import Image
 
+from .data.synthetic import save_png
 from .metrics import METRIC_NAMES, METRIC_TITLES
 
 NOT_AVAILABLE = "n/a"
@@ -78,9 +78,7 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, vmax: float = 2.0, alpha
 def save_overlay(path: str | Path, image: np.ndarray, anomaly_map: np.ndarray, vmax: float = 2.0) -> Path:
     """Input and overlay side by side, as one PNG."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    picture = np.concatenate([image, overlay(image, anomaly_map, vmax)], axis=1)
-    Image.fromarray((picture * 255).astype(np.uint8)).save(path)
+    save_png(path, np.concatenate([image, overlay(image, anomaly_map, vmax)], axis=1))
     return path
 
 
@@ -94,3 +92,12 @@ def write_heatmaps(out_dir: str | Path, prediction, input_size: int, names: Sequ
         name = names[index] if names is not None else Path(path).stem
         save_overlay(out_dir / f"{name}.png", image, anomaly_map)
     return out_dir
+
+
+def save_synthetic_grid(path: str | Path, samples: Sequence) -> Path:
+    """Synthetic samples side by side: defective images on top, their training targets below."""
+    path = Path(path)
+    top = np.concatenate([s.image.permute(1, 2, 0).numpy() for s in samples], axis=1)
+    bottom = np.concatenate([np.repeat(s.target[0].numpy()[..., None], 3, axis=2) for s in samples], axis=1)
+    save_png(path, np.concatenate([top, bottom], axis=0))
+    return path

@@ -44,6 +44,8 @@ def train_and_evaluate(detector: Detector, folder: AnomalyFolder, out: Path, pro
     start = time.perf_counter()
     detector.fit(folder, progress=progress)
     train_seconds = time.perf_counter() - start
+    if detector.validation is not None:
+        detector.validation.save(out / "validation")
     evaluation = detector.evaluate(folder, progress=progress)
     table = report_evaluation(detector, evaluation, out, train_seconds=train_seconds)
     return evaluation, table

@@ -9,8 +9,9 @@ from ..checkpoint import read_checkpoint
 from ..errors import CheckpointError, ConfigError
 from .base import Detector, DetectorConfig, Evaluation, Prediction
 from .cflow import CFlowConfig, CFlowDetector
+from .clscnf import ClsCNFConfig, ClsCNFDetector
 
-METHODS: dict[str, type[Detector]] = {CFlowDetector.method: CFlowDetector}
+METHODS: dict[str, type[Detector]] = {CFlowDetector.method: CFlowDetector, ClsCNFDetector.method: ClsCNFDetector}
 
 
 def create(method: str, **options: Any) -> Detector:
@@ -29,4 +30,4 @@ def load(path: str | Path, device: str | None = None) -> Detector:
     return METHODS[method].from_checkpoint(meta, state, device)
 
 
-__all__ = ["METHODS", "CFlowConfig", "CFlowDetector", "Detector", "DetectorConfig", "Evaluation", "Prediction", "create", "load"]
+__all__ = ["METHODS", "CFlowConfig", "CFlowDetector", "ClsCNFConfig", "ClsCNFDetector", "Detector", "DetectorConfig", "Evaluation", "Prediction", "create", "load"]

@@ -91,6 +91,7 @@ class Evaluation:
     labels: np.ndarray
     masks: np.ndarray | None
     ms_per_image: float
+    head_metrics: dict[str, dict[str, float | None]] = field(default_factory=dict)  # each head's map alone
 
 
 def resolve_device(name: str) -> torch.device:
@@ -126,6 +127,7 @@ class Detector:
         self.device = resolve_device(self.config.device)
         self.model: nn.Module | None = None
         self.fit_seconds: dict[str, float] = {}
+        self.validation = None  # a synthetic ValidationSet, for methods that build one in fit
 
     # -- what a method provides -------------------------------------------------------------
     def build_model(self, pretrained: bool) -> nn.Module:
@@ -188,7 +190,11 @@ class Detector:
             dataset = ImageDataset(folder.test, self.config.input_size)
             masks = np.stack([dataset[i]["mask"][0].numpy() > 0 for i in range(len(dataset))])
         metrics = compute_metrics(labels, prediction.scores, masks, prediction.maps)
-        return Evaluation(folder.name, metrics, prediction, labels, masks, ms_per_image)
+        head_metrics = {
+            name: compute_metrics(labels, image_scores(torch.from_numpy(maps), self.config.image_score).numpy(), masks, maps)
+            for name, maps in prediction.head_maps.items()
+        }
+        return Evaluation(folder.name, metrics, prediction, labels, masks, ms_per_image, head_metrics)
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         model = self._require_model()

@@ -30,8 +30,9 @@ class CFlowConfig(DetectorConfig):
     clamp: float = option(1.9, "soft clamp of the affine coupling scales")
     condition_dim: int = option(128, "size of the 2-D positional condition (multiple of 4)")
     fiber_batch: int = option(256, "feature vectors per optimisation step")
-    lr: float = option(2e-4, "Adam learning rate (after warm-up)")
-    meta_epochs: int = option(3, "meta-epochs: the cosine schedule steps once per meta-epoch")
+    epoch_vectors: int | None = option(None, "at most this many random vectors per level in each epoch (default: all)")
+    lr: float = option(1e-3, "Adam learning rate (after warm-up)")
+    meta_epochs: int = option(2, "meta-epochs: the cosine schedule steps once per meta-epoch")
     sub_epochs: int = option(2, "passes over all cached training vectors per meta-epoch")
     warmup_meta_epochs: float = option(0.5, "linear warm-up from lr/10, in meta-epochs")
 
@@ -42,6 +43,8 @@ class CFlowConfig(DetectorConfig):
         for name in ("coupling_blocks", "fiber_batch", "meta_epochs", "sub_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.epoch_vectors is not None and self.epoch_vectors < self.fiber_batch:
+            raise ConfigError(f"epoch_vectors must be at least fiber_batch ({self.fiber_batch}), got {self.epoch_vectors}")
 
 
 def lr_factor(step: int, steps_per_meta: int, meta_epochs: int, warmup_meta: float) -> float:
@@ -56,32 +59,54 @@ def lr_factor(step: int, steps_per_meta: int, meta_epochs: int, warmup_meta: flo
     return cosine
 
 
-class FlowMapModel(nn.Module):
-    """Extractor + conditional flows + calibration: images -> {"map": normalised anomaly map}.
+class FlowScorer(nn.Module):
+    """Conditional flows + calibration: feature maps -> calibrated anomaly map at input size.
 
     The calibration buffers hold each level's reference log-likelihood and the low/high values
-    of the map on normal training images; they are part of the state dict, so a loaded model
-    scores exactly as the trained one did.
+    of the map on normal training images; they are in the state dict, so a loaded model scores
+    exactly as the trained one did.
     """
 
-    def __init__(self, extractor: FeatureExtractor, flows: ConditionalFlows, input_size: int, sigma: float) -> None:
+    def __init__(self, flows: ConditionalFlows, input_size: int, sigma: float) -> None:
         super().__init__()
-        self.extractor = extractor
         self.flows = flows
         self.input_size = input_size
         self.sigma = sigma
-        n_levels = len(flows.flows)
-        self.register_buffer("level_reference", torch.zeros(n_levels))
+        self.register_buffer("level_reference", torch.zeros(len(flows.flows)))
         self.register_buffer("map_low", torch.tensor(0.0))
         self.register_buffer("map_high", torch.tensor(1.0))
 
-    def raw_map(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        ll = self.flows(features)
-        return smooth(flow_anomaly_map(ll, self.level_reference, self.input_size), self.sigma)
+    def raw_map(self, log_likelihoods: Sequence[torch.Tensor]) -> torch.Tensor:
+        return smooth(flow_anomaly_map(log_likelihoods, self.level_reference, self.input_size), self.sigma)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        return normalise(self.raw_map(self.flows(features)), self.map_low, self.map_high)
+
+    @torch.no_grad()
+    def calibrate(self, features: Sequence[torch.Tensor], chunk: int = 16) -> None:
+        """Per-level references and the map's low (mean) and high (max) from normal features."""
+        self.eval()
+        n_images = features[0].shape[0]
+        level_ll = [
+            torch.cat([self.flows.level_log_likelihood(level, f[i:i + chunk]) for i in range(0, n_images, chunk)])
+            for level, f in enumerate(features)
+        ]
+        self.level_reference.copy_(torch.stack([ll.max() for ll in level_ll]))
+        raw = torch.cat([self.raw_map([ll[i:i + chunk] for ll in level_ll]) for i in range(0, n_images, chunk)])
+        self.map_low.copy_(raw.mean())
+        self.map_high.copy_(raw.max())
+
+
+class FlowMapModel(nn.Module):
+    """Extractor + flow scorer: images -> {"map": calibrated anomaly map}."""
+
+    def __init__(self, extractor: FeatureExtractor, scorer: FlowScorer) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.scorer = scorer
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        raw = self.raw_map(self.extractor(images))
-        return {"map": normalise(raw, self.map_low, self.map_high)}
+        return {"map": self.scorer(self.extractor(images))}
 
 
 @torch.no_grad()
@@ -105,7 +130,8 @@ def train_flows(
     vectors = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features]
     conditions = [flows.condition(f.shape[2], f.shape[3], device) for f in features]
     positions = [f.shape[2] * f.shape[3] for f in features]
-    steps_per_epoch = sum(math.ceil(len(v) / config.fiber_batch) for v in vectors)
+    per_epoch = [min(len(v), config.epoch_vectors or len(v)) for v in vectors]
+    steps_per_epoch = sum(math.ceil(n / config.fiber_batch) for n in per_epoch)
     optimizer = torch.optim.Adam(flows.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -118,7 +144,7 @@ def train_flows(
     for _ in bar:
         total, count = 0.0, 0
         for level, (level_vectors, cond) in enumerate(zip(vectors, conditions)):
-            order = torch.randperm(len(level_vectors), device=device)
+            order = torch.randperm(len(level_vectors), device=device)[:per_epoch[level]]
             for start in range(0, len(order), config.fiber_batch):
                 index = order[start:start + config.fiber_batch]
                 log_likelihood = flows.vector_log_likelihood(level, level_vectors[index], cond[index % positions[level]])
@@ -135,6 +161,11 @@ def train_flows(
     return history
 
 
+def build_flow_scorer(config: CFlowConfig, channels: Sequence[int]) -> FlowScorer:
+    flows = ConditionalFlows(channels, config.condition_dim, config.coupling_blocks, config.clamp)
+    return FlowScorer(flows, config.input_size, config.smoothing_sigma)
+
+
 class CFlowDetector(Detector):
     method = "cflow"
     config_class = CFlowConfig
@@ -147,8 +178,7 @@ class CFlowDetector(Detector):
     def build_model(self, pretrained: bool) -> FlowMapModel:
         c = self.config
         extractor = self.build_extractor(pretrained)
-        flows = ConditionalFlows(extractor.channels, c.condition_dim, c.coupling_blocks, c.clamp)
-        return FlowMapModel(extractor, flows, c.input_size, c.smoothing_sigma)
+        return FlowMapModel(extractor, build_flow_scorer(c, extractor.channels))
 
     def _fit(self, train: list[Sample], progress: bool) -> None:
         model = self.build_model(pretrained=True).to(self.device)
@@ -158,22 +188,6 @@ class CFlowDetector(Detector):
         features = extract_features(model.extractor, self.loader(train), self.device, progress, "extract features")
         self.fit_seconds["extract"] = time.perf_counter() - start
         start = time.perf_counter()
-        self.loss_history = train_flows(model.flows, features, self.config, progress)
+        self.loss_history = train_flows(model.scorer.flows, features, self.config, progress)
+        model.scorer.calibrate(features)
         self.fit_seconds["flows"] = time.perf_counter() - start
-        calibrate_flow_map(model, features)
-
-
-@torch.no_grad()
-def calibrate_flow_map(model: FlowMapModel, features: Sequence[torch.Tensor], chunk: int = 16) -> None:
-    """Set the per-level references and the map's low/high from normal training features."""
-    model.eval()
-    n_images = features[0].shape[0]
-    level_ll = [torch.cat([model.flows.level_log_likelihood(level, f[i:i + chunk]) for i in range(0, n_images, chunk)])
-                for level, f in enumerate(features)]
-    model.level_reference.copy_(torch.stack([ll.max() for ll in level_ll]))
-    raw = torch.cat([
-        smooth(flow_anomaly_map([ll[i:i + chunk] for ll in level_ll], model.level_reference, model.input_size), model.sigma)
-        for i in range(0, n_images, chunk)
-    ])
-    model.map_low.copy_(raw.mean())
-    model.map_high.copy_(raw.max())

@@ -1,0 +1,277 @@
+"""The system of Oh & Kim (IEEE Access 2024), here `clscnf`: a pixelwise classifier trained on
+synthetic defects fine-tunes the extractor, conditional flows then model normal features of
+that fine-tuned, frozen extractor, and the two maps are fused.
+
+Stage 1: the decoder learns on synthetic defects with the extractor frozen, then both learn
+together (lower learning rate for the extractor; BatchNorm statistics stay frozen). Stage 2:
+flows are trained on cached features of normal images. A synthetic validation set, built from
+held-out training images, picks the best stage-1 epoch and the fusion weight; the test set is
+never used to choose anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data.folder import Sample
+from ..data.images import load_image
+from ..data.synthetic import DefectSynthesizer, TextureSource, build_validation_set, sample_generator
+from ..errors import ConfigError
+from ..features.extractor import FeatureExtractor
+from ..heads.classifier import LOSSES, SegmentationDecoder, segmentation_loss
+from ..metrics import image_auroc, pixel_aupr
+from ..scoring import image_scores
+from .base import Detector, option
+from .cflow import CFlowConfig, FlowScorer, build_flow_scorer, train_flows
+
+FUSION_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0)
+
+
+@dataclass
+class ClsCNFConfig(CFlowConfig):
+    decoder_levels: tuple[int, ...] = option((0, 1, 2, 3, 4), "backbone levels the classifier decodes (skip connections)")
+    decoder_width: int = option(64, "channels of the decoder's deepest stage")
+    cls_loss: str = option("bce", "classifier loss on soft targets: bce (the paper's), focal or dice")
+    cls_lr: float = option(1e-3, "Adam learning rate of the decoder")
+    extractor_lr_factor: float = option(0.1, "extractor learning rate as a share of cls_lr when fine-tuning")
+    frozen_epochs: int = option(3, "stage-1 epochs with the extractor frozen")
+    joint_epochs: int = option(3, "stage-1 epochs fine-tuning extractor and decoder together")
+    cls_batch_size: int = option(8, "images per classifier training step")
+    defect_probability: float = option(0.5, "share of training images given a synthetic defect")
+    texture_dir: str | None = option(None, "folder of texture images (e.g. DTD) to fill defects; default: made here")
+    foreground: bool = option(False, "put synthetic defects on the object only (object categories)")
+    val_fraction: float = option(0.1, "share of training images held out for the synthetic validation set")
+    fusion_weight: float | None = option(None, "weight of the classifier map in the fused map (default: tuned on validation)")
+    shared: bool = option(True, "flows use the fine-tuned extractor (off: their own ImageNet extractor, the paper's baseline)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.cls_loss not in LOSSES:
+            raise ConfigError(f"cls_loss must be one of {LOSSES}, got {self.cls_loss!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.defect_probability <= 1.0:
+            raise ConfigError(f"defect_probability must be in [0, 1], got {self.defect_probability}")
+
+
+class ClsCNFModel(nn.Module):
+    """images -> {"map": fused, "flow": calibrated flow map, "classifier": defect probability}.
+
+    One pass through the extractor feeds both heads when shared; otherwise the flows have an
+    extractor of their own.
+    """
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        decoder: SegmentationDecoder,
+        scorer: FlowScorer,
+        flow_index: Sequence[int],
+        decoder_index: Sequence[int],
+        input_size: int,
+        flow_extractor: FeatureExtractor | None = None,
+    ) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.decoder = decoder
+        self.scorer = scorer
+        self.flow_extractor = flow_extractor
+        self.flow_index = tuple(flow_index)
+        self.decoder_index = tuple(decoder_index)
+        self.input_size = input_size
+        self.register_buffer("fusion_weight", torch.tensor(1.0))
+
+    def classifier_logits(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.decoder([features[i] for i in self.decoder_index], self.input_size)
+
+    def flow_features(self, images: torch.Tensor, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if self.flow_extractor is not None:
+            return self.flow_extractor(images)
+        return [features[i] for i in self.flow_index]
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.extractor(images)
+        classifier = torch.sigmoid(self.classifier_logits(features))[:, 0]
+        flow = self.scorer(self.flow_features(images, features))
+        return {"map": flow + self.fusion_weight * classifier, "flow": flow, "classifier": classifier}
+
+
+def validation_score(labels: np.ndarray, masks: np.ndarray, maps: np.ndarray) -> float:
+    """What selection maximises: mean of image AUROC (max of map) and pixel AP."""
+    scores = image_scores(torch.from_numpy(maps)).numpy()
+    return float(np.mean([image_auroc(labels, scores) or 0.0, pixel_aupr(masks, maps) or 0.0]))
+
+
+def load_images(samples: Sequence[Sample], size: int, progress: bool) -> torch.Tensor:
+    return torch.stack([load_image(s.path, size) for s in tqdm(samples, desc="load images", disable=not progress, leave=False)])
+
+
+class ClsCNFDetector(Detector):
+    method = "clscnf"
+    config_class = ClsCNFConfig
+    config: ClsCNFConfig
+
+    # -- model ---------------------------------------------------------------------------------
+    def _levels(self) -> tuple[tuple[int, ...], list[int], list[int]]:
+        c = self.config
+        union = tuple(sorted(set(c.levels) | set(c.decoder_levels))) if c.shared else tuple(c.decoder_levels)
+        return union, [union.index(l) for l in c.levels] if c.shared else [], [union.index(l) for l in c.decoder_levels]
+
+    def build_model(self, pretrained: bool) -> ClsCNFModel:
+        c = self.config
+        union, flow_index, decoder_index = self._levels()
+        weights = c.weights if pretrained else None
+        extractor = FeatureExtractor(c.backbone, union, pretrained=pretrained, weights=weights)
+        flow_extractor = None
+        if not c.shared:
+            flow_extractor = FeatureExtractor(c.backbone, c.levels, pretrained=pretrained, weights=weights)
+            flow_channels = flow_extractor.channels
+        else:
+            flow_channels = [extractor.channels[i] for i in flow_index]
+        decoder = SegmentationDecoder([extractor.channels[i] for i in decoder_index], c.decoder_width)
+        scorer = build_flow_scorer(c, flow_channels)  # the same flows and calibration as CFlow-AD
+        return ClsCNFModel(extractor, decoder, scorer, flow_index, decoder_index, c.input_size, flow_extractor)
+
+    # -- training ------------------------------------------------------------------------------
+    def fit(self, data, progress: bool = True, classifier_from: "ClsCNFDetector | None" = None) -> "ClsCNFDetector":
+        """Train both stages; classifier_from reuses another clscnf detector's trained stage 1
+        (same backbone and levels), e.g. to build the unshared baseline without training it twice."""
+        self._classifier_from = classifier_from
+        return super().fit(data, progress)
+
+    def _fit(self, train: list[Sample], progress: bool) -> None:
+        c = self.config
+        model = self.build_model(pretrained=True).to(self.device)
+        self.model = model
+        order = np.random.default_rng(c.seed).permutation(len(train))
+        n_val = int(round(c.val_fraction * len(train))) if len(train) >= 8 else 0
+        val_samples = [train[i] for i in sorted(order[:n_val])]
+        fit_samples = [train[i] for i in sorted(order[n_val:])]
+
+        start = time.perf_counter()
+        images = load_images(fit_samples, c.input_size, progress)
+        source = TextureSource(c.input_size, c.texture_dir, normal_images=images)
+        synthesizer = DefectSynthesizer(source, c.defect_probability, use_foreground=c.foreground)
+        self.validation = (
+            build_validation_set(val_samples, load_images(val_samples, c.input_size, progress), synthesizer, c.seed)
+            if val_samples else None
+        )
+        self.fit_seconds["prepare"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        if getattr(self, "_classifier_from", None) is not None:
+            donor = self._classifier_from._require_model()
+            model.extractor.load_state_dict(donor.extractor.state_dict())
+            model.decoder.load_state_dict(donor.decoder.state_dict())
+            self.classifier_history = list(getattr(self._classifier_from, "classifier_history", []))
+        else:
+            self.classifier_history = self._train_classifier(images, synthesizer, progress)
+        self.fit_seconds["classifier"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        for frozen in (model.extractor, model.decoder, model.flow_extractor):
+            if frozen is not None:
+                frozen.requires_grad_(False)
+        model.eval()
+        features = self._flow_features(images)
+        self.loss_history = train_flows(model.scorer.flows, features, c, progress)
+        model.scorer.calibrate(features)
+        self.fit_seconds["flows"] = time.perf_counter() - start
+
+        weight = c.fusion_weight if c.fusion_weight is not None else self._tune_fusion_weight()
+        model.fusion_weight.fill_(weight)
+        model.eval()
+
+    @torch.no_grad()
+    def _flow_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        model = self.model
+        per_level: list[list[torch.Tensor]] = []
+        for i in range(0, len(images), self.config.batch_size):
+            batch = images[i:i + self.config.batch_size].to(self.device)
+            for level, f in enumerate(model.flow_features(batch, model.extractor(batch))):
+                if len(per_level) <= level:
+                    per_level.append([])
+                per_level[level].append(f)
+        return [torch.cat(level) for level in per_level]
+
+    def _train_classifier(self, images: torch.Tensor, synthesizer: DefectSynthesizer, progress: bool) -> list[dict]:
+        """Stage 1; keeps the weights of the epoch that scores best on the validation set."""
+        c, model = self.config, self.model
+        decoder_params = list(model.decoder.parameters())
+        extractor_params = [p for p in model.extractor.parameters()]
+        optimizer = torch.optim.Adam([
+            {"params": decoder_params, "lr": c.cls_lr},
+            {"params": extractor_params, "lr": c.cls_lr * c.extractor_lr_factor},
+        ])
+        history: list[dict] = []
+        best_score, best_state = -1.0, None
+        epochs = c.frozen_epochs + c.joint_epochs
+        bar = tqdm(range(epochs), desc="train classifier", disable=not progress)
+        for epoch in bar:
+            joint = epoch >= c.frozen_epochs
+            model.extractor.requires_grad_(joint)
+            model.extractor.train(joint)
+            model.decoder.train()
+            order = torch.randperm(len(images), generator=sample_generator(c.seed, epoch))
+            total = 0.0
+            for start in range(0, len(order), c.cls_batch_size):
+                index = order[start:start + c.cls_batch_size]
+                made = [synthesizer(images[i], sample_generator(c.seed, epoch, int(i))) for i in index]
+                batch = torch.stack([m.image for m in made]).to(self.device)
+                target = torch.stack([m.target for m in made]).to(self.device)
+                with torch.set_grad_enabled(joint):
+                    features = model.extractor(batch)
+                logits = model.classifier_logits(features)
+                loss = segmentation_loss(logits, target, c.cls_loss)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(index)
+            record = {"epoch": epoch + 1, "joint": joint, "loss": total / len(images)}
+            if self.validation is not None:
+                record["val_score"] = self._classifier_validation_score()
+                if record["val_score"] > best_score:
+                    best_score = record["val_score"]
+                    best_state = copy.deepcopy({"extractor": model.extractor.state_dict(), "decoder": model.decoder.state_dict()})
+            history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", val=f"{record.get('val_score', float('nan')):.3f}")
+        if best_state is not None:
+            model.extractor.load_state_dict(best_state["extractor"])
+            model.decoder.load_state_dict(best_state["decoder"])
+        model.extractor.requires_grad_(False)
+        return history
+
+    @torch.no_grad()
+    def _validation_maps(self) -> dict[str, np.ndarray]:
+        model, val = self.model, self.validation
+        model.eval()
+        outputs: dict[str, list[torch.Tensor]] = {}
+        for i in range(0, len(val.images), self.config.batch_size):
+            batch = val.images[i:i + self.config.batch_size].to(self.device)
+            features = model.extractor(batch)
+            outputs.setdefault("classifier", []).append(torch.sigmoid(model.classifier_logits(features))[:, 0].cpu())
+            if model.scorer.map_high > model.scorer.map_low:  # calibrated: flows are trained
+                outputs.setdefault("flow", []).append(model.scorer(model.flow_features(batch, features)).cpu())
+        return {name: torch.cat(values).numpy() for name, values in outputs.items()}
+
+    def _classifier_validation_score(self) -> float:
+        maps = self._validation_maps()["classifier"]
+        return validation_score(self.validation.labels, self.validation.masks.numpy(), maps)
+
+    def _tune_fusion_weight(self) -> float:
+        """The weight of FUSION_WEIGHTS that scores best on the synthetic validation set (1.0 without one)."""
+        if self.validation is None:
+            return 1.0
+        maps = self._validation_maps()
+        masks = self.validation.masks.numpy()
+        scores = {w: validation_score(self.validation.labels, masks, maps["flow"] + w * maps["classifier"]) for w in FUSION_WEIGHTS}
+        self.fusion_scores = scores
+        return max(scores, key=lambda w: (scores[w], -w))

@@ -1,0 +1,95 @@
+"""The paper's system end to end on a handful of real bottle images with tiny settings."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import defectflow
+from defectflow.data.folder import AnomalyFolder
+from defectflow.features.extractor import FeatureExtractor
+from defectflow.methods.clscnf import FUSION_WEIGHTS
+
+TINY = dict(input_size=128, frozen_epochs=1, joint_epochs=1, meta_epochs=1, sub_epochs=3, fiber_batch=256,
+            val_fraction=0.25, batch_size=8, foreground=True)
+
+
+@pytest.fixture(scope="module")
+def small_bottle(bottle: Path) -> AnomalyFolder:
+    full = AnomalyFolder.scan(bottle)
+    test = [s for s in full.test if s.defect_type == "good"][:3] + [s for s in full.test if s.defect_type == "broken_large"][:3]
+    return AnomalyFolder(root=bottle, train=full.train[:16], test=tuple(test), has_masks=True)
+
+
+@pytest.fixture(scope="module")
+def trained(small_bottle: AnomalyFolder) -> defectflow.Detector:
+    return defectflow.create("clscnf", **TINY).fit(small_bottle, progress=False)
+
+
+def test_stage_one_fine_tunes_weights_but_not_batchnorm_statistics(trained) -> None:
+    imagenet = FeatureExtractor("tf_efficientnet_lite0", trained.model.extractor.levels)
+    before, after = imagenet.state_dict(), trained.model.extractor.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any("weight" in k for k in changed)  # the joint epoch moved the extractor
+    assert not any("running_" in k for k in changed)  # BatchNorm statistics stayed frozen
+    assert [r["joint"] for r in trained.classifier_history] == [False, True]
+    assert trained.loss_history[-1] == trained.loss_history[-1]  # flows trained, finite
+
+
+def test_validation_set_comes_from_held_out_training_images(trained, small_bottle: AnomalyFolder) -> None:
+    validation = trained.validation
+    assert len(validation.sources) == 4
+    train_paths = {s.path for s in small_bottle.train}
+    test_paths = {s.path for s in small_bottle.test}
+    assert {s.path for s in validation.sources} <= train_paths
+    assert not {s.path for s in validation.sources} & test_paths
+    assert validation.labels.tolist() == [0, 0, 1, 1]
+
+
+def test_fusion_weight_is_the_best_on_validation(trained) -> None:
+    weight = trained.model.fusion_weight.item()
+    assert weight in FUSION_WEIGHTS
+    assert trained.fusion_scores[weight] == max(trained.fusion_scores.values())
+
+
+def test_fused_map_is_flow_plus_weighted_classifier_from_one_extractor_pass(trained, small_bottle: AnomalyFolder) -> None:
+    calls = []
+    handle = trained.model.extractor.register_forward_hook(lambda *args: calls.append(1))
+    prediction = trained.predict(list(small_bottle.test), progress=False)
+    handle.remove()
+    assert len(calls) == 1  # 6 images, batch 8: one pass feeds both heads
+    flow, classifier = prediction.head_maps["flow"], prediction.head_maps["classifier"]
+    weight = trained.model.fusion_weight.item()
+    np.testing.assert_allclose(prediction.maps, flow + weight * classifier, rtol=1e-5, atol=1e-6)
+    assert classifier.min() >= 0 and classifier.max() <= 1
+    np.testing.assert_allclose(prediction.scores, prediction.maps.reshape(6, -1).max(1), rtol=1e-6)
+
+
+def test_heads_find_real_defects(trained, small_bottle: AnomalyFolder) -> None:
+    """Tiny training: the flow head already localises real defects; the fused map is scored too."""
+    from defectflow.metrics import pixel_auroc
+
+    evaluation = trained.evaluate(small_bottle, progress=False)
+    assert pixel_auroc(evaluation.masks, evaluation.prediction.head_maps["flow"]) >= 0.8
+    assert all(0.0 <= evaluation.metrics[m] <= 1.0 for m in ("image_auroc", "pixel_auroc", "pixel_aupr", "aupro"))
+
+
+def test_save_load_whole_system(trained, small_bottle: AnomalyFolder, tmp_path: Path) -> None:
+    loaded = defectflow.load(trained.save(tmp_path / "model"))
+    assert loaded.model.fusion_weight.item() == trained.model.fusion_weight.item()
+    before = trained.predict(list(small_bottle.test), progress=False)
+    after = loaded.predict(list(small_bottle.test), progress=False)
+    np.testing.assert_allclose(after.maps, before.maps, rtol=1e-4, atol=1e-5)
+    for head in ("flow", "classifier"):
+        np.testing.assert_allclose(after.head_maps[head], before.head_maps[head], rtol=1e-4, atol=1e-5)
+
+
+def test_unshared_baseline_keeps_an_imagenet_extractor_for_the_flows(trained, small_bottle: AnomalyFolder) -> None:
+    unshared = defectflow.create("clscnf", **TINY, shared=False).fit(small_bottle, progress=False, classifier_from=trained)
+    model = unshared.model
+    imagenet = FeatureExtractor("tf_efficientnet_lite0", (2, 3, 4))
+    assert all(torch.equal(v, imagenet.state_dict()[k]) for k, v in model.flow_extractor.state_dict().items())
+    assert all(torch.equal(v, trained.model.decoder.state_dict()[k]) for k, v in model.decoder.state_dict().items())
+    prediction = unshared.predict(list(small_bottle.test[:2]), progress=False)
+    assert prediction.maps.shape == (2, 128, 128)
