@@ -25,8 +25,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/mvtec/bottle")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--frozen-epochs", type=int, default=3)
-    parser.add_argument("--joint-epochs", type=int, default=3)
+    parser.add_argument("--frozen-epochs", type=int, help="stage-1 epochs, extractor frozen (default: clscnf's)")
+    parser.add_argument("--joint-epochs", type=int, help="stage-1 epochs, fine-tuning (default: clscnf's)")
     args = parser.parse_args()
 
     flows = dict(levels=(1, 2, 3, 4), fiber_batch=1024, epoch_vectors=200_000, lr=1e-3, meta_epochs=2, sub_epochs=2,
@@ -39,7 +39,8 @@ def main() -> None:
         return detector, time.perf_counter() - start
 
     baseline, baseline_s = timed_fit(defectflow.create("cflow", **flows))
-    clscnf_options = dict(flows, frozen_epochs=args.frozen_epochs, joint_epochs=args.joint_epochs, foreground=True)
+    schedule = {k: v for k, v in (("frozen_epochs", args.frozen_epochs), ("joint_epochs", args.joint_epochs)) if v is not None}
+    clscnf_options = dict(flows, foreground=True, **schedule)
     shared, shared_s = timed_fit(defectflow.create("clscnf", **clscnf_options))
     unshared, unshared_s = timed_fit(defectflow.create("clscnf", **clscnf_options, shared=False), classifier_from=shared)
 

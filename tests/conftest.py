@@ -53,3 +53,13 @@ def tiny_folder(tmp_path: Path) -> Path:
         write_image(root / "test" / "scratch" / f"{i:03d}.png", seed=20 + i)
         write_mask(root / "ground_truth" / "scratch" / f"{i:03d}_mask.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def small_bottle(bottle: Path):
+    """12-16 real training images and 3 good + 3 broken_large test images of bottle (no copy)."""
+    from defectflow.data.folder import AnomalyFolder
+
+    full = AnomalyFolder.scan(bottle)
+    test = [s for s in full.test if s.defect_type == "good"][:3] + [s for s in full.test if s.defect_type == "broken_large"][:3]
+    return AnomalyFolder(root=bottle, train=full.train[:16], test=tuple(test), has_masks=True)

@@ -13,14 +13,6 @@ TINY = dict(input_size=128, meta_epochs=1, sub_epochs=2, fiber_batch=512, lr=1e-
 
 
 @pytest.fixture(scope="module")
-def small_bottle(bottle: Path, tmp_path_factory: pytest.TempPathFactory) -> AnomalyFolder:
-    """12 train images, 3 good and 3 broken_large test images of the real category (no copy)."""
-    full = AnomalyFolder.scan(bottle)
-    test = [s for s in full.test if s.defect_type == "good"][:3] + [s for s in full.test if s.defect_type == "broken_large"][:3]
-    return AnomalyFolder(root=bottle, train=full.train[:12], test=tuple(test), has_masks=True)
-
-
-@pytest.fixture(scope="module")
 def trained(small_bottle: AnomalyFolder) -> defectflow.Detector:
     return defectflow.create("cflow", **TINY).fit(small_bottle, progress=False)
 

@@ -16,13 +16,6 @@ TINY = dict(input_size=128, frozen_epochs=1, joint_epochs=1, meta_epochs=1, sub_
 
 
 @pytest.fixture(scope="module")
-def small_bottle(bottle: Path) -> AnomalyFolder:
-    full = AnomalyFolder.scan(bottle)
-    test = [s for s in full.test if s.defect_type == "good"][:3] + [s for s in full.test if s.defect_type == "broken_large"][:3]
-    return AnomalyFolder(root=bottle, train=full.train[:16], test=tuple(test), has_masks=True)
-
-
-@pytest.fixture(scope="module")
 def trained(small_bottle: AnomalyFolder) -> defectflow.Detector:
     return defectflow.create("clscnf", **TINY).fit(small_bottle, progress=False)
 

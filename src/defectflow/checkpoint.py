@@ -7,7 +7,6 @@ bit is refused with a message instead of being half-loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -18,19 +17,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
+from .files import sha256_of
 
 FORMAT = "defectflow-checkpoint"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_checkpoint(
@@ -56,7 +48,7 @@ def save_checkpoint(
             "format_version": FORMAT_VERSION,
             "method": method,
             "config": config,
-            "weights_sha256": _sha256(staging / WEIGHTS_FILE),
+            "weights_sha256": sha256_of(staging / WEIGHTS_FILE),
         }
         (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         if path.exists():
@@ -89,7 +81,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
         )
     if not weights_path.is_file():
         raise CheckpointError(f"{weights_path} is missing; the checkpoint is incomplete.")
-    if _sha256(weights_path) != meta.get("weights_sha256"):
+    if sha256_of(weights_path) != meta.get("weights_sha256"):
         raise CheckpointError(f"{weights_path} does not match the checksum in {config_path}: the file is corrupt or was replaced.")
     try:
         state = load_file(str(weights_path))

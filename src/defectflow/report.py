@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .data.synthetic import save_png
+from .files import save_png
 from .metrics import METRIC_NAMES, METRIC_TITLES
 
 NOT_AVAILABLE = "n/a"

@@ -7,7 +7,6 @@ fetched elsewhere: a file already in place is verified and unpacked without any 
 
 from __future__ import annotations
 
-import hashlib
 import tarfile
 import urllib.error
 import urllib.request
@@ -18,6 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import DataError
+from ..files import sha256_of
 
 
 @dataclass(frozen=True)
@@ -45,14 +45,6 @@ ARCHIVES = {
         "dtd/images",
     ),
 }
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download_file(url: str, dest: Path, sha256: str | None = None, progress: bool = True, timeout: float = 60.0) -> Path:
@@ -146,6 +138,3 @@ def fetch(name: str, root: str | Path, url: str | None = None, sha256: str | Non
     if not (root / archive.marker).exists():
         raise DataError(f"Unpacked {path} but {root / archive.marker} is not there; is it the right archive?")
     return root
-
-
-__all__ = ["ARCHIVES", "Archive", "download_file", "extract", "fetch", "sha256_of"]

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
 
+from ..files import save_png
 from .folder import Sample, list_images
 from .images import IMAGE_EXTENSIONS, load_image
 
@@ -223,9 +223,3 @@ def build_validation_set(samples: Sequence[Sample], images: torch.Tensor, synthe
         labels=np.array([int(i >= half) for i in range(len(samples))]),
         sources=list(samples),
     )
-
-
-def save_png(path: Path, array: np.ndarray) -> None:
-    """A float array in [0, 1] (HxW or HxWx3) as an 8-bit PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8)).save(path)

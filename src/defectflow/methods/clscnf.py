@@ -27,7 +27,7 @@ from ..data.synthetic import DefectSynthesizer, TextureSource, build_validation_
 from ..errors import ConfigError
 from ..features.extractor import FeatureExtractor
 from ..heads.classifier import LOSSES, SegmentationDecoder, segmentation_loss
-from ..metrics import image_auroc, pixel_aupr
+from ..metrics import compute_metrics
 from ..scoring import image_scores
 from .base import Detector, option
 from .cflow import CFlowConfig, FlowScorer, build_flow_scorer, train_flows
@@ -42,8 +42,8 @@ class ClsCNFConfig(CFlowConfig):
     cls_loss: str = option("bce", "classifier loss on soft targets: bce (the paper's), focal or dice")
     cls_lr: float = option(1e-3, "Adam learning rate of the decoder")
     extractor_lr_factor: float = option(0.1, "extractor learning rate as a share of cls_lr when fine-tuning")
-    frozen_epochs: int = option(3, "stage-1 epochs with the extractor frozen")
-    joint_epochs: int = option(3, "stage-1 epochs fine-tuning extractor and decoder together")
+    frozen_epochs: int = option(4, "stage-1 epochs with the extractor frozen")
+    joint_epochs: int = option(16, "stage-1 epochs fine-tuning extractor and decoder together")
     cls_batch_size: int = option(8, "images per classifier training step")
     defect_probability: float = option(0.5, "share of training images given a synthetic defect")
     texture_dir: str | None = option(None, "folder of texture images (e.g. DTD) to fill defects; default: made here")
@@ -105,9 +105,9 @@ class ClsCNFModel(nn.Module):
 
 
 def validation_score(labels: np.ndarray, masks: np.ndarray, maps: np.ndarray) -> float:
-    """What selection maximises: mean of image AUROC (max of map) and pixel AP."""
+    """What selection maximises: the mean of the four reported metrics on the validation set."""
     scores = image_scores(torch.from_numpy(maps)).numpy()
-    return float(np.mean([image_auroc(labels, scores) or 0.0, pixel_aupr(masks, maps) or 0.0]))
+    return float(np.mean([value or 0.0 for value in compute_metrics(labels, scores, masks, maps).values()]))
 
 
 def load_images(samples: Sequence[Sample], size: int, progress: bool) -> torch.Tensor:
