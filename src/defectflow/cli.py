@@ -41,7 +41,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         if hint is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif typing.get_origin(hint) is tuple:
-            group.add_argument(flag, type=int, nargs="+", default=None, help=text)
+            group.add_argument(flag, type=typing.get_args(hint)[0], nargs="+", default=None, help=text)
         else:
             kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint) if typing.get_args(hint) else hint
             group.add_argument(flag, type=kind, default=None, help=text)

@@ -15,9 +15,10 @@ from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from ..errors import DataError
-from .images import IMAGE_EXTENSIONS, load_mask, read_image, resize_image
+from .images import IMAGE_EXTENSIONS, load_image, load_mask, read_image, resize_image
 
 GOOD_NAMES = ("good", "ok")
 _MASK_PATTERNS = ("{stem}_mask.png", "{stem}.png", "{stem}.bmp", "{stem}_mask.bmp", "{stem}_mask.tif", "{stem}.tif")
@@ -135,6 +136,11 @@ class ImageDataset(Dataset):
         else:
             mask = torch.zeros(1, self.size, self.size)
         return {"image": resize_image(full, self.size), "mask": mask, "label": sample.label, "index": index}
+
+
+def load_images(samples: Sequence[Sample], size: int, progress: bool = False) -> torch.Tensor:
+    """N x 3 x size x size: the samples' images, loaded once (for methods that reuse them every epoch)."""
+    return torch.stack([load_image(s.path, size) for s in tqdm(samples, desc="load images", disable=not progress, leave=False)])
 
 
 def samples_from_paths(paths: Sequence[str | Path]) -> list[Sample]:

@@ -38,6 +38,18 @@ def _subnet(dims_in: int, dims_out: int) -> nn.Module:
     return nn.Sequential(nn.Linear(dims_in, 2 * dims_in), nn.ReLU(), nn.Linear(2 * dims_in, dims_out))
 
 
+def image_flow(dims: int, n_blocks: int, clamp: float, hidden: int) -> Ff.SequenceINN:
+    """Unconditional flow over one vector per image (DifferNet)."""
+
+    def subnet(dims_in: int, dims_out: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(dims_in, hidden), nn.ReLU(), nn.Linear(hidden, dims_out))
+
+    flow = Ff.SequenceINN(dims)
+    for _ in range(n_blocks):
+        flow.append(Fm.AllInOneBlock, subnet_constructor=subnet, affine_clamping=clamp, permute_soft=False)
+    return flow
+
+
 def conditional_flow(channels: int, cond_dim: int, n_blocks: int, clamp: float) -> Ff.SequenceINN:
     flow = Ff.SequenceINN(channels)
     for _ in range(n_blocks):

@@ -10,8 +10,10 @@ from ..errors import CheckpointError, ConfigError
 from .base import Detector, DetectorConfig, Evaluation, Prediction
 from .cflow import CFlowConfig, CFlowDetector
 from .clscnf import ClsCNFConfig, ClsCNFDetector
+from .differnet import DifferNetConfig, DifferNetDetector
 
-METHODS: dict[str, type[Detector]] = {CFlowDetector.method: CFlowDetector, ClsCNFDetector.method: ClsCNFDetector}
+METHODS: dict[str, type[Detector]] = {CFlowDetector.method: CFlowDetector, ClsCNFDetector.method: ClsCNFDetector,
+                                     DifferNetDetector.method: DifferNetDetector}
 
 
 def create(method: str, **options: Any) -> Detector:
@@ -30,4 +32,4 @@ def load(path: str | Path, device: str | None = None) -> Detector:
     return METHODS[method].from_checkpoint(meta, state, device)
 
 
-__all__ = ["METHODS", "CFlowConfig", "CFlowDetector", "ClsCNFConfig", "ClsCNFDetector", "Detector", "DetectorConfig", "Evaluation", "Prediction", "create", "load"]
+__all__ = ["METHODS", "CFlowConfig", "CFlowDetector", "ClsCNFConfig", "ClsCNFDetector", "DifferNetConfig", "DifferNetDetector", "Detector", "DetectorConfig", "Evaluation", "Prediction", "create", "load"]

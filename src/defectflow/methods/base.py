@@ -162,17 +162,19 @@ class Detector:
         """Anomaly maps and image scores (a folder's test split, or images / folders of images)."""
         model = self._require_model().eval()
         samples = _samples(data, "test")
-        maps, heads = [], {}
+        maps, scores, heads = [], [], {}
         for batch in tqdm(self.loader(samples), desc="predict", disable=not progress, leave=False):
             out = model(batch["image"].to(self.device))
             maps.append(out["map"].float().cpu())
+            # a model may score images itself (DifferNet); otherwise the score comes from the map
+            scores.append(out["score"].float().cpu() if "score" in out else image_scores(maps[-1], self.config.image_score))
             for name, value in out.items():
-                if name != "map":
+                if name not in ("map", "score"):
                     heads.setdefault(name, []).append(value.float().cpu())
         all_maps = torch.cat(maps)
         return Prediction(
             paths=[s.path for s in samples],
-            scores=image_scores(all_maps, self.config.image_score).numpy(),
+            scores=torch.cat(scores).numpy(),
             maps=all_maps.numpy(),
             head_maps={name: torch.cat(values).numpy() for name, values in heads.items()},
         )

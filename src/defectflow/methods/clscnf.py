@@ -21,8 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.folder import Sample
-from ..data.images import load_image
+from ..data.folder import Sample, load_images
 from ..data.synthetic import DefectSynthesizer, TextureSource, build_validation_set, sample_generator
 from ..errors import ConfigError
 from ..features.extractor import FeatureExtractor
@@ -108,10 +107,6 @@ def validation_score(labels: np.ndarray, masks: np.ndarray, maps: np.ndarray) ->
     """What selection maximises: the mean of the four reported metrics on the validation set."""
     scores = image_scores(torch.from_numpy(maps)).numpy()
     return float(np.mean([value or 0.0 for value in compute_metrics(labels, scores, masks, maps).values()]))
-
-
-def load_images(samples: Sequence[Sample], size: int, progress: bool) -> torch.Tensor:
-    return torch.stack([load_image(s.path, size) for s in tqdm(samples, desc="load images", disable=not progress, leave=False)])
 
 
 class ClsCNFDetector(Detector):

@@ -1,0 +1,65 @@
+"""DifferNet on a handful of real bottle images with tiny settings."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import defectflow
+from defectflow.data.folder import AnomalyFolder
+from defectflow.methods.differnet import rotations
+
+TINY = dict(input_size=128, meta_epochs=3, sub_epochs=4, augment_copies=2, test_rotations=2, vector_batch=8,
+            subnet_width=128, coupling_blocks=4, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def trained(small_bottle: AnomalyFolder) -> defectflow.Detector:
+    return defectflow.create("differnet", **TINY).fit(small_bottle, progress=False)
+
+
+def test_epoch_log_reports_last_and_best(trained) -> None:
+    summary = trained.epoch_summary()
+    assert len(trained.epoch_log) == 3 and len(summary["per_epoch"]) == 3
+    assert summary["last"] == summary["per_epoch"][-1]
+    assert summary["best"] == max(summary["per_epoch"]) == summary["per_epoch"][summary["best_epoch"] - 1]
+    assert trained.epoch_log[-1]["nll"] < trained.epoch_log[0]["nll"]
+
+
+def test_score_is_mean_squared_latent_over_rotations(trained, small_bottle: AnomalyFolder) -> None:
+    from defectflow.data.folder import load_images
+    import torchvision.transforms.v2.functional as TF
+
+    model = trained.model
+    images = load_images(small_bottle.test[:2], 128)
+    with torch.no_grad():
+        expected = torch.stack([
+            torch.stack([model.flow(model.embed(TF.rotate(img[None], a)))[0].pow(2).mean() for a in rotations(2)]).mean()
+            for img in images
+        ])
+    prediction = trained.predict(list(small_bottle.test[:2]), progress=False)
+    np.testing.assert_allclose(prediction.scores, expected.numpy(), rtol=1e-4)
+    assert rotations(4) == [0.0, 90.0, 180.0, 270.0]
+
+
+def test_vector_is_pooled_features_at_three_scales(trained) -> None:
+    vector = trained.model.embed(torch.rand(2, 3, 128, 128))
+    assert vector.shape == (2, 320 * 3)
+
+
+def test_gradient_maps_and_detection(trained, small_bottle: AnomalyFolder) -> None:
+    evaluation = trained.evaluate(small_bottle, progress=False)
+    assert evaluation.prediction.maps.shape == (6, 128, 128)
+    assert np.isfinite(evaluation.prediction.maps).all() and evaluation.prediction.maps.max() > 0
+    assert evaluation.metrics["image_auroc"] >= 0.7
+
+
+def test_save_load_and_selection_on_validation(trained, small_bottle: AnomalyFolder, tmp_path: Path) -> None:
+    loaded = defectflow.load(trained.save(tmp_path / "m"))
+    np.testing.assert_allclose(loaded.predict(list(small_bottle.test[:2]), progress=False).scores,
+                               trained.predict(list(small_bottle.test[:2]), progress=False).scores, rtol=1e-5)
+    chosen = defectflow.create("differnet", **{**TINY, "meta_epochs": 2}, select="validation", val_fraction=0.25)
+    chosen.fit(small_bottle, progress=False)
+    assert all("val_auroc" in r for r in chosen.epoch_log)
+    assert {s.path for s in chosen.validation.sources}.isdisjoint({s.path for s in small_bottle.test})
