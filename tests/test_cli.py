@@ -73,3 +73,23 @@ def test_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert "config.json is missing" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--method", "nonsense", "--out", "x"])
+
+
+def test_other_methods_and_foreign_options(bottle_slice: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    differnet = ["--method", "differnet", "--input-size", "128", "--meta-epochs", "1", "--sub-epochs", "1",
+                 "--augment-copies", "1", "--test-rotations", "2", "--subnet-width", "64", "--quiet"]
+    assert main(["run", "--data", str(bottle_slice), "--out", str(tmp_path / "run"), *differnet]) == 0
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
+    assert len(list((tmp_path / "run" / "heatmaps").rglob("*.png"))) == 4
+    assert main(["train", "--method", "cflow", "--frozen-epochs", "2", "--data", str(bottle_slice),
+                 "--out", str(tmp_path / "m"), "--quiet"]) == 2
+    assert "--frozen-epochs is not an option of --method cflow" in capsys.readouterr().err
+
+
+def test_synth_writes_a_picture(bottle_slice: Path, tmp_path: Path) -> None:
+    out = tmp_path / "grid.png"
+    assert main(["synth", "--data", str(bottle_slice), "--out", str(out), "--count", "3", "--input-size", "64"]) == 0
+    from PIL import Image
+
+    assert Image.open(out).size == (3 * 64, 2 * 64)
+    assert main(["synth", "--data", str(bottle_slice), "--out", str(out), "--count", "3"]) == 2  # no overwrite

@@ -63,3 +63,11 @@ def test_save_load_and_selection_on_validation(trained, small_bottle: AnomalyFol
     chosen.fit(small_bottle, progress=False)
     assert all("val_auroc" in r for r in chosen.epoch_log)
     assert {s.path for s in chosen.validation.sources}.isdisjoint({s.path for s in small_bottle.test})
+
+
+def test_paper_backbone_alexnet_gives_768_d_vectors() -> None:
+    """AlexNet weights cannot be fetched here: random weights check the shapes of the paper's setup."""
+    detector = defectflow.create("differnet", backbone="alexnet", levels=(2,), pretrained=False, input_size=448,
+                                 coupling_blocks=2, subnet_width=64)
+    model = detector.build_model(pretrained=False)
+    assert model.embed(torch.rand(2, 3, 448, 448)).shape == (2, 768)  # 448, 224 and 112 px, as in the paper
