@@ -93,3 +93,14 @@ def test_synth_writes_a_picture(bottle_slice: Path, tmp_path: Path) -> None:
 
     assert Image.open(out).size == (3 * 64, 2 * 64)
     assert main(["synth", "--data", str(bottle_slice), "--out", str(out), "--count", "3"]) == 2  # no overwrite
+
+
+def test_clscnf_train_saves_validation_set_and_eval_shows_each_head(bottle_slice: Path, tmp_path: Path, capsys) -> None:
+    clscnf = ["--method", "clscnf", "--input-size", "64", "--frozen-epochs", "1", "--joint-epochs", "0",
+              "--meta-epochs", "1", "--sub-epochs", "1", "--fiber-batch", "256", "--val-fraction", "0.34", "--quiet"]
+    model = tmp_path / "model"
+    assert main(["train", "--data", str(bottle_slice), "--out", str(model), *clscnf]) == 0
+    assert sorted(p.parent.name for p in (model / "validation").rglob("*.png")) == ["good", "synthetic", "synthetic"]
+    assert main(["eval", "--checkpoint", str(model), "--data", str(bottle_slice), "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "bottle [flow alone]" in out and "bottle [classifier alone]" in out

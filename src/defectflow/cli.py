@@ -103,6 +103,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     detector.fit(folder, progress=not args.quiet)
     path = detector.save(args.out, overwrite=args.overwrite)
+    if detector.validation is not None:
+        detector.validation.save(path / "validation")
+        print(f"Synthetic validation set (MVTec layout) written to {path / 'validation'}")
     print(f"Trained {args.method} on {folder.root} in {time.perf_counter() - start:.1f} s; saved to {path}")
 
 

@@ -27,6 +27,7 @@ def report_evaluation(
 ) -> str:
     """Write results.json/csv (and heatmaps) for one category; return the printed table."""
     extra = {
+        "head_results": {f"{evaluation.category} [{head}]": m for head, m in evaluation.head_metrics.items()},
         "method": detector.method,
         "config": detector.config.to_json(),
         "ms_per_image": evaluation.ms_per_image,
@@ -37,7 +38,9 @@ def report_evaluation(
     if heatmaps:
         names = [f"{Path(p).parent.name}/{Path(p).stem}" for p in evaluation.prediction.paths]
         write_heatmaps(out / "heatmaps", evaluation.prediction, detector.config.input_size, names)
-    return format_table([(evaluation.category, evaluation.metrics, train_seconds, evaluation.ms_per_image)], time_columns=True)
+    rows = [(evaluation.category, evaluation.metrics, train_seconds, evaluation.ms_per_image)]
+    rows += [(f"{evaluation.category} [{head} alone]", m, None, None) for head, m in evaluation.head_metrics.items()]
+    return format_table(rows, time_columns=True)
 
 
 def train_and_evaluate(detector: Detector, folder: AnomalyFolder, out: Path, progress: bool = True) -> tuple[Evaluation, str]:

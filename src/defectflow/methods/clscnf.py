@@ -147,7 +147,9 @@ class ClsCNFDetector(Detector):
         model = self.build_model(pretrained=True).to(self.device)
         self.model = model
         order = np.random.default_rng(c.seed).permutation(len(train))
-        n_val = int(round(c.val_fraction * len(train))) if len(train) >= 8 else 0
+        n_val = int(round(c.val_fraction * len(train)))
+        if n_val < 2 or len(train) - n_val < 2:  # too few images to hold any out: fixed weight, last epoch
+            n_val = 0
         val_samples = [train[i] for i in sorted(order[:n_val])]
         fit_samples = [train[i] for i in sorted(order[n_val:])]
 
