@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..checkpoint import read_checkpoint, save_checkpoint
+from ..checkpoint import save_checkpoint
 from ..data.folder import AnomalyFolder, ImageDataset, Sample, samples_from_paths
 from ..errors import CheckpointError, ConfigError
 from ..metrics import compute_metrics
