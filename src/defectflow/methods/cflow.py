@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -110,14 +110,15 @@ class FlowMapModel(nn.Module):
 
 
 @torch.no_grad()
-def extract_features(extractor: nn.Module, loader, device: torch.device, progress: bool, desc: str) -> list[torch.Tensor]:
-    """Features of every image in the loader, per level, on the device."""
-    extractor.eval()
+def collect_features(
+    features_of: Callable[[torch.Tensor], Sequence[torch.Tensor]], batches: Iterable[torch.Tensor], device: torch.device
+) -> list[torch.Tensor]:
+    """Per-level features of every image batch, concatenated over batches, on the device."""
     per_level: list[list[torch.Tensor]] = []
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        for level, feature in enumerate(extractor(batch["image"].to(device))):
-            if len(per_level) <= level:
-                per_level.append([])
+    for images in batches:
+        features = features_of(images.to(device))
+        per_level = per_level or [[] for _ in features]
+        for level, feature in enumerate(features):
             per_level[level].append(feature)
     return [torch.cat(level) for level in per_level]
 
@@ -185,7 +186,8 @@ class CFlowDetector(Detector):
         model.extractor.requires_grad_(False)
         self.model = model
         start = time.perf_counter()
-        features = extract_features(model.extractor, self.loader(train), self.device, progress, "extract features")
+        batches = (batch["image"] for batch in tqdm(self.loader(train), desc="extract features", disable=not progress, leave=False))
+        features = collect_features(model.extractor.eval(), batches, self.device)
         self.fit_seconds["extract"] = time.perf_counter() - start
         start = time.perf_counter()
         self.loss_history = train_flows(model.scorer.flows, features, self.config, progress)

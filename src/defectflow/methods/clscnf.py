@@ -29,7 +29,7 @@ from ..heads.classifier import LOSSES, SegmentationDecoder, segmentation_loss
 from ..metrics import compute_metrics
 from ..scoring import image_scores
 from .base import Detector, option
-from .cflow import CFlowConfig, FlowScorer, build_flow_scorer, train_flows
+from .cflow import CFlowConfig, FlowScorer, build_flow_scorer, collect_features, train_flows
 
 FUSION_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0)
 
@@ -178,7 +178,9 @@ class ClsCNFDetector(Detector):
             if frozen is not None:
                 frozen.requires_grad_(False)
         model.eval()
-        features = self._flow_features(images)
+        features = collect_features(
+            lambda batch: model.flow_features(batch, model.extractor(batch)), images.split(c.batch_size), self.device
+        )
         self.loss_history = train_flows(model.scorer.flows, features, c, progress)
         model.scorer.calibrate(features)
         self.fit_seconds["flows"] = time.perf_counter() - start
@@ -186,18 +188,6 @@ class ClsCNFDetector(Detector):
         weight = c.fusion_weight if c.fusion_weight is not None else self._tune_fusion_weight()
         model.fusion_weight.fill_(weight)
         model.eval()
-
-    @torch.no_grad()
-    def _flow_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        model = self.model
-        per_level: list[list[torch.Tensor]] = []
-        for i in range(0, len(images), self.config.batch_size):
-            batch = images[i:i + self.config.batch_size].to(self.device)
-            for level, f in enumerate(model.flow_features(batch, model.extractor(batch))):
-                if len(per_level) <= level:
-                    per_level.append([])
-                per_level[level].append(f)
-        return [torch.cat(level) for level in per_level]
 
     def _train_classifier(self, images: torch.Tensor, synthesizer: DefectSynthesizer, progress: bool) -> list[dict]:
         """Stage 1; keeps the weights of the epoch that scores best on the validation set."""
