@@ -164,11 +164,11 @@ class ClsCNFDetector(Detector):
         self.fit_seconds["prepare"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        if getattr(self, "_classifier_from", None) is not None:
+        if self._classifier_from is not None:
             donor = self._classifier_from._require_model()
             model.extractor.load_state_dict(donor.extractor.state_dict())
             model.decoder.load_state_dict(donor.decoder.state_dict())
-            self.classifier_history = list(getattr(self._classifier_from, "classifier_history", []))
+            self.classifier_history = list(self._classifier_from.classifier_history)
         else:
             self.classifier_history = self._train_classifier(images, synthesizer, progress)
         self.fit_seconds["classifier"] = time.perf_counter() - start
@@ -193,7 +193,7 @@ class ClsCNFDetector(Detector):
         """Stage 1; keeps the weights of the epoch that scores best on the validation set."""
         c, model = self.config, self.model
         decoder_params = list(model.decoder.parameters())
-        extractor_params = [p for p in model.extractor.parameters()]
+        extractor_params = list(model.extractor.parameters())
         optimizer = torch.optim.Adam([
             {"params": decoder_params, "lr": c.cls_lr},
             {"params": extractor_params, "lr": c.cls_lr * c.extractor_lr_factor},
@@ -237,27 +237,28 @@ class ClsCNFDetector(Detector):
         return history
 
     @torch.no_grad()
-    def _validation_maps(self) -> dict[str, np.ndarray]:
+    def _validation_maps(self, with_flow: bool) -> dict[str, np.ndarray]:
+        """Classifier maps (and flow maps, once the flows are trained) of the validation images."""
         model, val = self.model, self.validation
         model.eval()
         outputs: dict[str, list[torch.Tensor]] = {}
-        for i in range(0, len(val.images), self.config.batch_size):
-            batch = val.images[i:i + self.config.batch_size].to(self.device)
+        for batch in val.images.split(self.config.batch_size):
+            batch = batch.to(self.device)
             features = model.extractor(batch)
             outputs.setdefault("classifier", []).append(torch.sigmoid(model.classifier_logits(features))[:, 0].cpu())
-            if model.scorer.map_high > model.scorer.map_low:  # calibrated: flows are trained
+            if with_flow:
                 outputs.setdefault("flow", []).append(model.scorer(model.flow_features(batch, features)).cpu())
         return {name: torch.cat(values).numpy() for name, values in outputs.items()}
 
     def _classifier_validation_score(self) -> float:
-        maps = self._validation_maps()["classifier"]
+        maps = self._validation_maps(with_flow=False)["classifier"]
         return validation_score(self.validation.labels, self.validation.masks.numpy(), maps)
 
     def _tune_fusion_weight(self) -> float:
         """The weight of FUSION_WEIGHTS that scores best on the synthetic validation set (1.0 without one)."""
         if self.validation is None:
             return 1.0
-        maps = self._validation_maps()
+        maps = self._validation_maps(with_flow=True)
         masks = self.validation.masks.numpy()
         scores = {w: validation_score(self.validation.labels, masks, maps["flow"] + w * maps["classifier"]) for w in FUSION_WEIGHTS}
         self.fusion_scores = scores
