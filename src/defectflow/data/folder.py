@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import DataError
-from .images import IMAGE_EXTENSIONS, load_image, load_mask, read_image, resize_image
+from .images import IMAGE_EXTENSIONS, image_size, load_image, load_mask, read_image, resize_image
 
 GOOD_NAMES = ("good", "ok")
 _MASK_PATTERNS = ("{stem}_mask.png", "{stem}.png", "{stem}.bmp", "{stem}_mask.bmp", "{stem}_mask.tif", "{stem}.tif")
@@ -130,12 +130,17 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
         full = read_image(sample.path)
-        if sample.mask_path is not None:
-            height, width = full.shape[-2:]
-            mask = load_mask(sample.mask_path, self.size, expected_size=(width, height))
-        else:
-            mask = torch.zeros(1, self.size, self.size)
+        height, width = full.shape[-2:]
+        mask = load_sample_mask(sample, self.size, full_size=(width, height))
         return {"image": resize_image(full, self.size), "mask": mask, "label": sample.label, "index": index}
+
+
+def load_sample_mask(sample: Sample, size: int, full_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """1 x size x size mask of a sample (zeros without a mask file), checked against its image's
+    (width, height); that size is read from the image file's header when not given."""
+    if sample.mask_path is None:
+        return torch.zeros(1, size, size)
+    return load_mask(sample.mask_path, size, expected_size=full_size or image_size(sample.path))
 
 
 def load_images(samples: Sequence[Sample], size: int, progress: bool = False) -> torch.Tensor:

@@ -21,10 +21,11 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
-def _open(path: Path) -> Image.Image:
+def _open(path: Path, decode: bool = True) -> Image.Image:
     try:
         image = Image.open(path)
-        image.load()
+        if decode:
+            image.load()
     except FileNotFoundError:
         raise DataError(f"Image not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -45,6 +46,11 @@ def _to_float_rgb(image: Image.Image) -> np.ndarray:
         array = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
         return np.repeat(array[..., None], 3, axis=2)
     return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding the pixels."""
+    return _open(Path(path), decode=False).size
 
 
 def read_image(path: str | Path) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..checkpoint import save_checkpoint
-from ..data.folder import AnomalyFolder, ImageDataset, Sample, samples_from_paths
+from ..data.folder import AnomalyFolder, ImageDataset, Sample, load_sample_mask, samples_from_paths
 from ..errors import CheckpointError, ConfigError
 from ..metrics import compute_metrics
 from ..scoring import IMAGE_REDUCTIONS, image_scores
@@ -189,8 +189,7 @@ class Detector:
         labels = np.array([s.label for s in folder.test])
         masks = None
         if folder.has_masks:
-            dataset = ImageDataset(folder.test, self.config.input_size)
-            masks = np.stack([dataset[i]["mask"][0].numpy() > 0 for i in range(len(dataset))])
+            masks = np.stack([load_sample_mask(s, self.config.input_size)[0].numpy() > 0 for s in folder.test])
         metrics = compute_metrics(labels, prediction.scores, masks, prediction.maps)
         head_metrics = {
             name: compute_metrics(labels, image_scores(torch.from_numpy(maps), self.config.image_score).numpy(), masks, maps)
