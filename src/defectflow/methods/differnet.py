@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.folder import AnomalyFolder, Sample, load_images
+from ..data.synthetic import DefectSynthesizer, TextureSource, build_validation_set
 from ..errors import ConfigError
 from ..features.extractor import FeatureExtractor
 from ..heads.flows import image_flow
@@ -98,11 +99,12 @@ class DifferNetModel(nn.Module):
         z, _ = self.flow(vectors)
         return z.pow(2).mean(dim=1)
 
+    def rotation_score(self, vectors_per_rotation: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The anomaly score: mean over rotations of the mean squared latent."""
+        return sum(self.latent_sq_norm(v) for v in vectors_per_rotation) / len(vectors_per_rotation)
+
     def score(self, images: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros(images.shape[0], device=images.device)
-        for angle in rotations(self.test_rotations):
-            total += self.latent_sq_norm(self.embed(TF.rotate(images, angle)))
-        return total / self.test_rotations
+        return self.rotation_score([self.embed(TF.rotate(images, angle)) for angle in rotations(self.test_rotations)])
 
     def raw_map(self, images: torch.Tensor) -> torch.Tensor:
         """|d NLL / d pixel| summed over colour channels, smoothed."""
@@ -147,15 +149,13 @@ class DifferNetDetector(Detector):
         return torch.cat(out)
 
     @torch.no_grad()
-    def _test_scores_per_rotation(self, images: torch.Tensor, progress: bool, desc: str) -> list[torch.Tensor]:
+    def _rotation_vectors(self, images: torch.Tensor, progress: bool, desc: str) -> list[torch.Tensor]:
         """Cached vectors of each test rotation, so per-epoch scoring needs only the flow."""
         angles = rotations(self.config.test_rotations)
         return [self._vectors(images, [a] * len(images), [False] * len(images))
                 for a in tqdm(angles, desc=desc, disable=not progress, leave=False)]
 
     def _fit(self, train: list[Sample], progress: bool) -> None:
-        from ..data.synthetic import DefectSynthesizer, TextureSource, build_validation_set
-
         c = self.config
         self.model = model = self.build_model(pretrained=True).to(self.device)
         model.extractor.requires_grad_(False)
@@ -176,11 +176,11 @@ class DifferNetDetector(Detector):
         if c.select == "validation":
             synthesizer = DefectSynthesizer(TextureSource(c.input_size, normal_images=images))
             self.validation = build_validation_set(val_samples, load_images(val_samples, c.input_size), synthesizer, c.seed)
-            validation = self._test_scores_per_rotation(self.validation.images, progress, "validation vectors")
+            validation = self._rotation_vectors(self.validation.images, progress, "validation vectors")
         test = None
         if self._log_folder is not None:
             test_images = load_images(self._log_folder.test, c.input_size, progress)
-            test = (self._test_scores_per_rotation(test_images, progress, "test vectors"),
+            test = (self._rotation_vectors(test_images, progress, "test vectors"),
                     np.array([s.label for s in self._log_folder.test]))
         self.fit_seconds["extract"] = time.perf_counter() - start
 
@@ -218,7 +218,7 @@ class DifferNetDetector(Detector):
 
     @torch.no_grad()
     def _score_cached(self, per_rotation: list[torch.Tensor]) -> np.ndarray:
-        return (sum(self.model.latent_sq_norm(v) for v in per_rotation) / len(per_rotation)).cpu().numpy()
+        return self.model.rotation_score(per_rotation).cpu().numpy()
 
     def _calibrate_map(self, images: torch.Tensor) -> None:
         """Map low/high: mean and max of the gradient map on normal training images."""
