@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from defectflow.cli import build_parser, main
 
@@ -39,7 +40,7 @@ def test_help_documents_every_option(capsys: pytest.CaptureFixture) -> None:
 
 def test_train_eval_predict(bottle_slice: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     model = tmp_path / "model"
-    assert main(["train", "--data", str(bottle_slice), "--out", str(model), *TINY]) == 0
+    assert main(["train", "--data", str(bottle_slice), "--out", str(model), "--val-fraction", "0.5", *TINY]) == 0
     assert (model / "model.safetensors").is_file()
 
     results = tmp_path / "results"
@@ -57,6 +58,11 @@ def test_train_eval_predict(bottle_slice: Path, tmp_path: Path, capsys: pytest.C
     assert main(["predict", str(images), "--checkpoint", str(model), "--out", str(predictions), "--quiet"]) == 0
     scores = list(csv.DictReader((predictions / "scores.csv").open()))
     assert len(scores) == 2 and all(float(r["score"]) == float(r["score"]) for r in scores)
+    assert all(r["decision"] in ("OK", "DEFECT") for r in scores)
+    printed = capsys.readouterr().out
+    assert all(f"{r['decision']:6s}" in printed for r in scores)
+    regions = sorted((predictions / "regions").glob("*.png"))
+    assert len(regions) == 2 and Image.open(regions[0]).size == Image.open(next(images.iterdir())).size
     assert len(list((predictions / "heatmaps").glob("*.png"))) == 2
 
     # nothing the user made is overwritten without asking

@@ -26,7 +26,12 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def save_checkpoint(
-    path: str | Path, method: str, config: dict[str, Any], state: dict[str, torch.Tensor], overwrite: bool = False
+    path: str | Path,
+    method: str,
+    config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write the checkpoint folder; an existing one is replaced only with overwrite=True.
 
@@ -49,6 +54,7 @@ def save_checkpoint(
             "method": method,
             "config": config,
             "weights_sha256": sha256_of(staging / WEIGHTS_FILE),
+            **(extra or {}),
         }
         (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         if path.exists():

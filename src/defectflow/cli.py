@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import sys
 import time
@@ -21,7 +20,7 @@ from .data.images import load_image
 from .data.synthetic import DefectSynthesizer, TextureSource, sample_generator
 from .data.named import DATASETS, category_root
 from .errors import DefectflowError
-from .report import save_synthetic_grid, write_heatmaps
+from .report import save_synthetic_grid, write_heatmaps, write_predictions
 from .workflow import prepare_output, report_evaluation, train_and_evaluate
 
 
@@ -123,13 +122,17 @@ def cmd_predict(args: argparse.Namespace) -> None:
     samples = samples_from_paths(args.images)
     prediction = detector.predict(samples, progress=not args.quiet)
     out = prepare_output(args.out, "predict", args.overwrite)
-    with (out / "scores.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "score"])
-        for path, score in zip(prediction.paths, prediction.scores):
-            writer.writerow([str(path), f"{score:.6f}"])
-            print(f"{score:10.4f}  {path}")
     names = [f"{i:05d}_{Path(p).stem}" for i, p in enumerate(prediction.paths)]
+    write_predictions(out, prediction, names)
+    verdicts = prediction.defective
+    for index, (path, score) in enumerate(zip(prediction.paths, prediction.scores)):
+        verdict = "" if verdicts is None else ("DEFECT" if verdicts[index] else "OK")
+        print(f"{verdict:6s} {score:10.4f}  {path}")
+    if prediction.thresholds is None:
+        print("This checkpoint has no operating thresholds (trained with --val-fraction 0): scores only, no OK/DEFECT.")
+    else:
+        print(f"{int(verdicts.sum())} of {len(verdicts)} images DEFECT at image threshold {prediction.thresholds.image:.4f} "
+              f"({prediction.thresholds.rule}); defect regions in {out / 'regions'}")
     write_heatmaps(out / "heatmaps", prediction, detector.config.input_size, names)
     print(f"Scores and heatmaps written to {out}")
 

@@ -94,6 +94,30 @@ def write_heatmaps(out_dir: str | Path, prediction, input_size: int, names: Sequ
     return out_dir
 
 
+def write_predictions(out_dir: str | Path, prediction, names: Sequence[str]) -> Path:
+    """scores.csv (path, score, decision) and, with thresholds, one defect-region mask per image
+    at the image's own resolution (regions/<name>.png, white = defect)."""
+    from PIL import Image
+
+    from .data.images import image_size
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    defective, regions = prediction.defective, prediction.regions
+    with (out_dir / "scores.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "score", "decision"])
+        for index, (path, score) in enumerate(zip(prediction.paths, prediction.scores)):
+            decision = "" if defective is None else ("DEFECT" if defective[index] else "OK")
+            writer.writerow([str(path), f"{score:.6f}", decision])
+    if regions is not None:
+        (out_dir / "regions").mkdir(exist_ok=True)
+        for path, name, region in zip(prediction.paths, names, regions):
+            mask = Image.fromarray(region.astype(np.uint8) * 255).resize(image_size(path), Image.NEAREST)
+            mask.save(out_dir / "regions" / f"{name}.png")
+    return out_dir / "scores.csv"
+
+
 def save_synthetic_grid(path: str | Path, samples: Sequence) -> Path:
     """Synthetic samples side by side: defective images on top, their training targets below."""
     path = Path(path)

@@ -10,7 +10,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -19,10 +19,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..checkpoint import save_checkpoint
-from ..data.folder import AnomalyFolder, ImageDataset, Sample, load_sample_mask, samples_from_paths
+from ..data.folder import AnomalyFolder, ImageDataset, Sample, load_images, load_sample_mask, samples_from_paths
+from ..data.synthetic import DefectSynthesizer, TextureSource, ValidationSet, build_validation_set
 from ..errors import CheckpointError, ConfigError
 from ..metrics import compute_metrics
 from ..scoring import IMAGE_REDUCTIONS, image_scores
+from ..thresholds import RULES, Thresholds, choose_thresholds
 
 
 def option(default: Any, help: str) -> Any:
@@ -39,6 +41,11 @@ class DetectorConfig:
     input_size: int = option(256, "images are resized to input_size x input_size (multiple of 32)")
     pretrained: bool = option(True, "start from ImageNet weights (off only for tests: random weights detect nothing)")
     weights: str | None = option(None, "local .safetensors/.pth backbone weights instead of the library's cache")
+    val_fraction: float = option(0.1, "share of training images held out as a synthetic validation set (thresholds, model choice; 0: none)")
+    texture_dir: str | None = option(None, "folder of texture images (e.g. DTD) to fill synthetic defects; default: made here")
+    foreground: bool = option(False, "put synthetic defects on the object only (object categories)")
+    threshold_rule: str = option("f1", "operating thresholds from the validation set: f1 (best F1 on synthetic defects) or far (target false-alarm rate on good data)")
+    target_far: float = option(0.01, "false-alarm rate on good images and pixels for threshold_rule far")
     image_score: str = option("max", "image score from the anomaly map: max or mean")
     smoothing_sigma: float = option(4.0, "Gaussian smoothing of the anomaly map in pixels (0: none)")
     batch_size: int = option(16, "images per forward pass")
@@ -55,6 +62,12 @@ class DetectorConfig:
             raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
         if not self.levels:
             raise ConfigError("levels must name at least one feature level")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.threshold_rule not in RULES:
+            raise ConfigError(f"threshold_rule must be one of {RULES}, got {self.threshold_rule!r}")
+        if not 0.0 <= self.target_far < 1.0:
+            raise ConfigError(f"target_far must be in [0, 1), got {self.target_far}")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -81,6 +94,18 @@ class Prediction:
     scores: np.ndarray
     maps: np.ndarray
     head_maps: dict[str, np.ndarray] = field(default_factory=dict)
+    thresholds: Thresholds | None = None
+
+    @property
+    def defective(self) -> np.ndarray | None:
+        """DEFECT (True) / OK per image at the operating threshold; None without thresholds."""
+        # compared in float64: a Python float next to a float32 array would be rounded to float32
+        return None if self.thresholds is None else self.scores.astype(np.float64) >= self.thresholds.image
+
+    @property
+    def regions(self) -> np.ndarray | None:
+        """Binary defect-region masks at the pixel threshold; None without thresholds."""
+        return None if self.thresholds is None else self.maps.astype(np.float64) >= self.thresholds.pixel
 
 
 @dataclass
@@ -127,7 +152,8 @@ class Detector:
         self.device = resolve_device(self.config.device)
         self.model: nn.Module | None = None
         self.fit_seconds: dict[str, float] = {}
-        self.validation = None  # a synthetic ValidationSet, for methods that build one in fit
+        self.validation: ValidationSet | None = None  # built in fit from held-out training images
+        self.thresholds: Thresholds | None = None
 
     # -- what a method provides -------------------------------------------------------------
     def build_model(self, pretrained: bool) -> nn.Module:
@@ -146,37 +172,78 @@ class Detector:
         )
 
     def fit(self, data: AnomalyFolder | str | Path | Sequence, progress: bool = True) -> "Detector":
-        """Train on normal images (a category folder's train split, or a list of image paths)."""
-        torch.manual_seed(self.config.seed)
-        np.random.seed(self.config.seed)
-        self._fit(_samples(data, "train"), progress)
+        """Train on normal images (a category folder's train split, or a list of image paths).
+
+        A share (val_fraction) of them is held out as a synthetic validation set: methods may
+        choose epochs or weights on it, and the operating thresholds are chosen on it last.
+        """
+        c = self.config
+        torch.manual_seed(c.seed)
+        np.random.seed(c.seed)
+        train = _samples(data, "train")
+        order = np.random.default_rng(c.seed).permutation(len(train))
+        n_val = int(round(c.val_fraction * len(train)))
+        if n_val < 2 or len(train) - n_val < 2:  # too few images to hold any out
+            n_val = 0
+        held_out = [train[i] for i in sorted(order[:n_val])]
+        self.validation = self._validation_set(held_out, progress) if held_out else None
+        self.thresholds = None
+        self._fit([train[i] for i in sorted(order[n_val:])], progress)
+        if self.validation is not None:
+            self.thresholds = self._choose_thresholds()
         return self
+
+    def _validation_set(self, samples: list[Sample], progress: bool) -> ValidationSet:
+        """Half the held-out images clean, half with a synthetic defect (deterministic per seed)."""
+        c = self.config
+        images = load_images(samples, c.input_size, progress)
+        synthesizer = DefectSynthesizer(TextureSource(c.input_size, c.texture_dir, normal_images=images), use_foreground=c.foreground)
+        return build_validation_set(samples, images, synthesizer, c.seed)
+
+    def _choose_thresholds(self) -> Thresholds:
+        prediction = self.predict_images(self.validation.images)
+        return choose_thresholds(
+            self.validation.labels, prediction.scores, self.validation.masks.numpy(), prediction.maps,
+            self.config.threshold_rule, self.config.target_far,
+        )
 
     def _require_model(self) -> nn.Module:
         if self.model is None:
             raise ConfigError(f"This {self.method} detector is not trained: call fit() or load a checkpoint first.")
         return self.model
 
-    @torch.no_grad()
     def predict(self, data: AnomalyFolder | str | Path | Sequence, progress: bool = True) -> Prediction:
         """Anomaly maps and image scores (a folder's test split, or images / folders of images)."""
-        model = self._require_model().eval()
+        self._require_model()
         samples = _samples(data, "test")
+        batches = (batch["image"] for batch in tqdm(self.loader(samples), desc="predict", disable=not progress, leave=False))
+        return self._predict_batches(batches, [s.path for s in samples])
+
+    def predict_images(self, images: torch.Tensor) -> Prediction:
+        """Prediction for a N x 3 x S x S tensor of images in [0, 1] (paths are left empty)."""
+        return self._predict_batches(images.split(self.config.batch_size), [])
+
+    def forward_batch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model's outputs for one batch; an exported (ONNX) detector replaces only this."""
+        return self._require_model().eval()(images.to(self.device))
+
+    @torch.no_grad()
+    def _predict_batches(self, batches: Iterable[torch.Tensor], paths: list[Path]) -> Prediction:
         maps, scores, heads = [], [], {}
-        for batch in tqdm(self.loader(samples), desc="predict", disable=not progress, leave=False):
-            out = model(batch["image"].to(self.device))
+        for images in batches:
+            out = self.forward_batch(images)
             maps.append(out["map"].float().cpu())
             # a model may score images itself (DifferNet); otherwise the score comes from the map
             scores.append(out["score"].float().cpu() if "score" in out else image_scores(maps[-1], self.config.image_score))
             for name, value in out.items():
                 if name not in ("map", "score"):
                     heads.setdefault(name, []).append(value.float().cpu())
-        all_maps = torch.cat(maps)
         return Prediction(
-            paths=[s.path for s in samples],
+            paths=paths,
             scores=torch.cat(scores).numpy(),
-            maps=all_maps.numpy(),
+            maps=torch.cat(maps).numpy(),
             head_maps={name: torch.cat(values).numpy() for name, values in heads.items()},
+            thresholds=self.thresholds,
         )
 
     def evaluate(self, folder: AnomalyFolder | str | Path, progress: bool = True) -> Evaluation:
@@ -199,7 +266,8 @@ class Detector:
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         model = self._require_model()
-        return save_checkpoint(path, self.method, self.config.to_json(), model.state_dict(), overwrite=overwrite)
+        extra = {"thresholds": None if self.thresholds is None else self.thresholds.to_json()}
+        return save_checkpoint(path, self.method, self.config.to_json(), model.state_dict(), overwrite=overwrite, extra=extra)
 
     @classmethod
     def from_checkpoint(cls, meta: dict[str, Any], state: dict[str, torch.Tensor], device: str | None) -> "Detector":
@@ -213,4 +281,6 @@ class Detector:
         except RuntimeError as exc:
             raise CheckpointError(f"The checkpoint's weights do not fit a {cls.method} model with its config: {exc}") from None
         detector.model = model.to(detector.device).eval()
+        thresholds = meta.get("thresholds")
+        detector.thresholds = None if thresholds is None else Thresholds.from_json(thresholds)
         return detector

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.folder import Sample, load_images
-from ..data.synthetic import DefectSynthesizer, TextureSource, build_validation_set, sample_generator
+from ..data.synthetic import DefectSynthesizer, TextureSource, sample_generator
 from ..errors import ConfigError
 from ..features.extractor import FeatureExtractor
 from ..heads.classifier import LOSSES, SegmentationDecoder, segmentation_loss
@@ -45,9 +45,6 @@ class ClsCNFConfig(CFlowConfig):
     joint_epochs: int = option(16, "stage-1 epochs fine-tuning extractor and decoder together")
     cls_batch_size: int = option(8, "images per classifier training step")
     defect_probability: float = option(0.5, "share of training images given a synthetic defect")
-    texture_dir: str | None = option(None, "folder of texture images (e.g. DTD) to fill defects; default: made here")
-    foreground: bool = option(False, "put synthetic defects on the object only (object categories)")
-    val_fraction: float = option(0.1, "share of training images held out for the synthetic validation set")
     fusion_weight: float | None = option(None, "weight of the classifier map in the fused map (default: tuned on validation)")
     shared: bool = option(True, "flows use the fine-tuned extractor (off: their own ImageNet extractor, the paper's baseline)")
 
@@ -55,8 +52,6 @@ class ClsCNFConfig(CFlowConfig):
         super().validate()
         if self.cls_loss not in LOSSES:
             raise ConfigError(f"cls_loss must be one of {LOSSES}, got {self.cls_loss!r}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.defect_probability <= 1.0:
             raise ConfigError(f"defect_probability must be in [0, 1], got {self.defect_probability}")
 
@@ -146,21 +141,10 @@ class ClsCNFDetector(Detector):
         c = self.config
         model = self.build_model(pretrained=True).to(self.device)
         self.model = model
-        order = np.random.default_rng(c.seed).permutation(len(train))
-        n_val = int(round(c.val_fraction * len(train)))
-        if n_val < 2 or len(train) - n_val < 2:  # too few images to hold any out: fixed weight, last epoch
-            n_val = 0
-        val_samples = [train[i] for i in sorted(order[:n_val])]
-        fit_samples = [train[i] for i in sorted(order[n_val:])]
-
         start = time.perf_counter()
-        images = load_images(fit_samples, c.input_size, progress)
+        images = load_images(train, c.input_size, progress)
         source = TextureSource(c.input_size, c.texture_dir, normal_images=images)
         synthesizer = DefectSynthesizer(source, c.defect_probability, use_foreground=c.foreground)
-        self.validation = (
-            build_validation_set(val_samples, load_images(val_samples, c.input_size, progress), synthesizer, c.seed)
-            if val_samples else None
-        )
         self.fit_seconds["prepare"] = time.perf_counter() - start
 
         start = time.perf_counter()

@@ -27,7 +27,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.folder import AnomalyFolder, Sample, load_images
-from ..data.synthetic import DefectSynthesizer, TextureSource, build_validation_set
 from ..errors import ConfigError
 from ..features.extractor import FeatureExtractor
 from ..heads.flows import image_flow
@@ -52,8 +51,7 @@ class DifferNetConfig(DetectorConfig):
     augment_copies: int = option(8, "randomly rotated copies of each training image, computed once")
     flips: bool = option(False, "random flips as well as rotations")
     test_rotations: int = option(64, "rotations averaged in the score (the paper: 64)")
-    select: str = option("last", "model to keep: the last, or the best on a synthetic validation set")
-    val_fraction: float = option(0.1, "share of training images held out for select=validation")
+    select: str = option("last", "model to keep: the last, or the best on the synthetic validation set")
 
     def validate(self) -> None:
         super().validate()
@@ -161,12 +159,9 @@ class DifferNetDetector(Detector):
         model.extractor.requires_grad_(False)
         model.extractor.eval()
         generator = torch.Generator().manual_seed(c.seed)
+        if c.select == "validation" and self.validation is None:
+            raise ConfigError("select=validation needs a validation set: set val_fraction above 0 (and train on at least 4 images).")
         validation = None
-        if c.select == "validation":
-            order = np.random.default_rng(c.seed).permutation(len(train))
-            n_val = max(2, int(round(c.val_fraction * len(train))))
-            val_samples = [train[i] for i in sorted(order[:n_val])]
-            train = [train[i] for i in sorted(order[n_val:])]
         start = time.perf_counter()
         images = load_images(train, c.input_size, progress)
         count = len(images) * c.augment_copies
@@ -174,8 +169,6 @@ class DifferNetDetector(Detector):
         flips = (torch.rand(count, generator=generator) < 0.5).tolist() if c.flips else [False] * count
         vectors = self._vectors(images.repeat(c.augment_copies, 1, 1, 1), angles, flips)
         if c.select == "validation":
-            synthesizer = DefectSynthesizer(TextureSource(c.input_size, normal_images=images))
-            self.validation = build_validation_set(val_samples, load_images(val_samples, c.input_size), synthesizer, c.seed)
             validation = self._rotation_vectors(self.validation.images, progress, "validation vectors")
         test = None
         if self._log_folder is not None:

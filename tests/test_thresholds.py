@@ -1,0 +1,74 @@
+"""Operating thresholds: the rules on hand-worked cases, and a detector that stores and uses them."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import defectflow
+from defectflow.data.folder import AnomalyFolder
+from defectflow.errors import ConfigError
+from defectflow.thresholds import Thresholds, best_f1_threshold, choose_thresholds, far_threshold
+
+TINY = dict(input_size=128, meta_epochs=1, sub_epochs=2, fiber_batch=512, batch_size=8, val_fraction=0.25)
+
+
+def test_best_f1_threshold_hand_worked() -> None:
+    # thresholds 0.8 / 0.4 / 0.35 / 0.1 give F1 0.67 / 0.5 / 0.8 / 0.67
+    assert best_f1_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.35)
+    with pytest.raises(ValueError):
+        best_f1_threshold(np.array([0, 0]), np.array([0.1, 0.2]))
+
+
+def test_far_threshold_flags_at_most_the_target_share() -> None:
+    normal = np.arange(1.0, 101.0)
+    threshold = far_threshold(normal, 0.05)
+    assert (normal >= threshold).sum() == 5 and threshold > 95.0
+    assert (normal >= far_threshold(normal, 0.0)).sum() == 0
+    assert far_threshold(normal, 0.0) == pytest.approx(100.0)
+
+
+def test_far_rule_looks_at_normal_data_only() -> None:
+    labels = np.array([0, 0, 1])
+    masks = np.zeros((3, 2, 2))
+    masks[2, 0, 0] = 1
+    maps = np.zeros((3, 2, 2))
+    maps[2, 0, 0] = 50.0  # a defect pixel, far above everything normal
+    maps[1, 1, 1] = 0.5
+    t = choose_thresholds(labels, np.array([0.2, 0.3, 9.0]), masks, maps, "far", 0.0)
+    assert 0.3 < t.image < 0.31 and 0.5 < t.pixel < 0.51 and t.rule == "far"
+    assert Thresholds.from_json(t.to_json()) == t
+
+
+@pytest.fixture(scope="module")
+def trained(small_bottle: AnomalyFolder) -> defectflow.Detector:
+    return defectflow.create("cflow", **TINY, threshold_rule="far", target_far=0.0).fit(small_bottle, progress=False)
+
+
+def test_thresholds_come_from_held_out_images_and_survive_save_load(trained, small_bottle: AnomalyFolder, tmp_path: Path) -> None:
+    held_out = {s.path for s in trained.validation.sources}
+    assert len(held_out) == 4 and held_out <= {s.path for s in small_bottle.train}
+    # far 0: no clean validation image and no normal validation pixel is flagged
+    val = trained.predict_images(trained.validation.images)
+    clean = trained.validation.labels == 0
+    assert not val.defective[clean].any()
+    assert not val.regions[trained.validation.masks.numpy() == 0].any()
+
+    loaded = defectflow.load(trained.save(tmp_path / "model"))
+    assert loaded.thresholds == trained.thresholds
+    prediction = loaded.predict(small_bottle, progress=False)
+    np.testing.assert_array_equal(prediction.defective, prediction.scores.astype(np.float64) >= trained.thresholds.image)
+    np.testing.assert_array_equal(prediction.regions, prediction.maps.astype(np.float64) >= trained.thresholds.pixel)
+
+
+def test_no_held_out_images_means_no_thresholds(small_bottle: AnomalyFolder) -> None:
+    detector = defectflow.create("cflow", **{**TINY, "val_fraction": 0.0}).fit(small_bottle.train[:4], progress=False)
+    assert detector.validation is None and detector.thresholds is None
+    assert detector.predict(small_bottle.test[:1], progress=False).defective is None
+
+
+def test_bad_threshold_options() -> None:
+    with pytest.raises(ConfigError, match="threshold_rule"):
+        defectflow.create("cflow", threshold_rule="youden")
+    with pytest.raises(ConfigError, match="target_far"):
+        defectflow.create("cflow", target_far=1.5)
