@@ -51,7 +51,7 @@ def test_train_eval_predict(bottle_slice: Path, tmp_path: Path, capsys: pytest.C
     assert set(data["results"]["bottle"]) == {"image_auroc", "pixel_auroc", "pixel_aupr", "aupro"}
     rows = list(csv.DictReader((results / "results.csv").open()))
     assert rows[0]["category"] == "bottle" and float(rows[0]["pixel_auroc"]) > 0.5
-    assert len(list((results / "heatmaps").rglob("*.png"))) == 4
+    assert len(list((results / "pictures").rglob("*.png"))) == 4 and (results / "report.html").is_file()
 
     predictions = tmp_path / "pred"
     images = bottle_slice / "test" / "broken_large"
@@ -86,7 +86,7 @@ def test_other_methods_and_foreign_options(bottle_slice: Path, tmp_path: Path, c
                  "--augment-copies", "1", "--test-rotations", "2", "--subnet-width", "64", "--quiet"]
     assert main(["run", "--data", str(bottle_slice), "--out", str(tmp_path / "run"), *differnet]) == 0
     assert (tmp_path / "run" / "model" / "config.json").is_file()
-    assert len(list((tmp_path / "run" / "heatmaps").rglob("*.png"))) == 4
+    assert len(list((tmp_path / "run" / "pictures").rglob("*.png"))) == 4
     assert main(["train", "--method", "cflow", "--frozen-epochs", "2", "--data", str(bottle_slice),
                  "--out", str(tmp_path / "m"), "--quiet"]) == 2
     assert "--frozen-epochs is not an option of --method cflow" in capsys.readouterr().err

@@ -93,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     _, table = train_and_evaluate(detector, folder, out, progress=not args.quiet)
     detector.save(out / "model")
     print(table)
-    print(f"Results, heatmaps and the model are in {out}")
+    print(f"Results, pictures and the model are in {out}; open {out / 'report.html'} in a browser")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -113,8 +113,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     folder = _folder(args)
     out = prepare_output(args.out, f"eval-{folder.name}", args.overwrite)
     evaluation = detector.evaluate(folder, progress=not args.quiet)
-    print(report_evaluation(detector, evaluation, out, heatmaps=args.heatmaps))
-    print(f"Results written to {out}")
+    text, _ = report_evaluation(detector, evaluation, out, pictures=args.pictures)
+    print(text)
+    print(f"Results written to {out}" + (f"; open {out / 'report.html'} in a browser" if args.pictures else ""))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -184,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder from `train`")
     evaluate.add_argument("--out", type=Path, help="results folder (default: runs/eval-<data>-<time>)")
     evaluate.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
-    evaluate.add_argument("--heatmaps", action=argparse.BooleanOptionalAction, default=True, help="write heatmap overlays")
+    evaluate.add_argument("--pictures", action=argparse.BooleanOptionalAction, default=True,
+                          help="write per-image panels, curves and report.html")
     evaluate.add_argument("--device", help="override the checkpoint's device (cpu, cuda)")
     _add_data_options(evaluate)
 

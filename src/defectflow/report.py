@@ -1,4 +1,4 @@
-"""Results as people read them: the papers' table, JSON and CSV files, heatmap overlays."""
+"""Results as people read them: the papers' table, JSON and CSV files, heatmap overlays, decisions."""
 
 from __future__ import annotations
 
@@ -19,20 +19,34 @@ def _percent(value: float | None) -> str:
     return NOT_AVAILABLE if value is None else f"{100.0 * value:.2f}"
 
 
+TIME_TITLES = ("Train s", "ms/img")
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+def table_cells(
+    rows: Iterable[tuple[str, dict[str, float | None], float | None, float | None]], time_columns: bool = False
+) -> tuple[list[str], list[list[str]]]:
+    """Header and cells in the papers' column order; rows are (name, metrics, train s, ms/image)."""
+    header = ["", *(METRIC_TITLES[m] for m in METRIC_NAMES), *(TIME_TITLES if time_columns else ())]
+    cells = []
+    for name, metrics, seconds, ms in rows:
+        row = [name, *(_percent(metrics.get(m)) for m in METRIC_NAMES)]
+        if time_columns:
+            row += [NOT_AVAILABLE if seconds is None else f"{seconds:.1f}", NOT_AVAILABLE if ms is None else f"{ms:.1f}"]
+        cells.append(row)
+    return header, cells
+
+
 def format_table(
     rows: Iterable[tuple[str, dict[str, float | None], float | None, float | None]], time_columns: bool = False
 ) -> str:
-    """Markdown table in the papers' column order; rows are (name, metrics, train s, ms/image)."""
-    header = ["", *(METRIC_TITLES[m] for m in METRIC_NAMES)]
-    if time_columns:
-        header += ["Train s", "ms/img"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, metrics, seconds, ms in rows:
-        cells = [name, *(_percent(metrics.get(m)) for m in METRIC_NAMES)]
-        if time_columns:
-            cells += [NOT_AVAILABLE if seconds is None else f"{seconds:.1f}", NOT_AVAILABLE if ms is None else f"{ms:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """The papers' table in Markdown."""
+    return markdown_table(*table_cells(rows, time_columns))
 
 
 def mean_row(results: Sequence[dict[str, float | None]]) -> dict[str, float | None]:
@@ -61,36 +75,21 @@ def write_results(out_dir: str | Path, results: dict[str, dict[str, float | None
     return json_path, csv_path
 
 
-def _colormap(values: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] -> HxWx3 uint8 colours (matplotlib's 'jet')."""
-    from matplotlib import colormaps
-
-    return (colormaps["jet"](np.clip(values, 0.0, 1.0))[..., :3] * 255).astype(np.uint8)
-
-
-def overlay(image: np.ndarray, anomaly_map: np.ndarray, vmax: float = 2.0, alpha: float = 0.5) -> np.ndarray:
-    """Heatmap over the image. image is HxWx3 in [0, 1]; the map is calibrated (1 = the most
-    anomalous pixel of normal training images), shown from 0 to vmax."""
-    heat = _colormap(anomaly_map / vmax).astype(np.float32) / 255.0
-    return ((1 - alpha) * image + alpha * heat).clip(0, 1)
-
-
-def save_overlay(path: str | Path, image: np.ndarray, anomaly_map: np.ndarray, vmax: float = 2.0) -> Path:
-    """Input and overlay side by side, as one PNG."""
-    path = Path(path)
-    save_png(path, np.concatenate([image, overlay(image, anomaly_map, vmax)], axis=1))
-    return path
-
-
 def write_heatmaps(out_dir: str | Path, prediction, input_size: int, names: Sequence[str] | None = None) -> Path:
-    """One PNG per image (input | heatmap overlay) below out_dir, keeping the input's sub-folder."""
-    from .data.images import load_image
+    """One PNG per image (input | heatmap overlay) below out_dir, keeping the input's sub-folder.
 
+    Maps are calibrated (1 = the most anomalous pixel of normal training images); the colour scale
+    runs to twice the pixel threshold, or to 2 without one.
+    """
+    from .data.images import load_image
+    from .pictures import overlay
+
+    vmax = 2.0 if prediction.thresholds is None else 2.0 * prediction.thresholds.pixel
     out_dir = Path(out_dir)
     for index, (path, anomaly_map) in enumerate(zip(prediction.paths, prediction.maps)):
         image = load_image(path, input_size).permute(1, 2, 0).numpy()
         name = names[index] if names is not None else Path(path).stem
-        save_overlay(out_dir / f"{name}.png", image, anomaly_map)
+        save_png(out_dir / f"{name}.png", np.concatenate([image, overlay(image, anomaly_map, vmax)], axis=1))
     return out_dir
 
 

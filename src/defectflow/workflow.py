@@ -1,14 +1,17 @@
-"""Train-evaluate-report in one call: what `defectflow run` and `defectflow eval` do."""
+"""Train-evaluate-report in one call: what `defectflow run`, `eval` and `bench` do per category."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+
 from .data.folder import AnomalyFolder
 from .errors import DataError
+from .htmlreport import evaluation_section, table, write_html
 from .methods import Detector, Evaluation
-from .report import format_table, write_heatmaps, write_results
+from .pictures import OUTCOMES, outcome, write_curves, write_image_pictures
+from .report import markdown_table, table_cells, write_results
 
 
 def prepare_output(out: str | Path | None, name: str, overwrite: bool = False) -> Path:
@@ -22,25 +25,54 @@ def prepare_output(out: str | Path | None, name: str, overwrite: bool = False) -
     return out
 
 
+def decision_counts(evaluation: Evaluation) -> dict[str, int] | None:
+    """TP/FP/FN/TN of the image decisions at the operating threshold (None without thresholds)."""
+    defective = evaluation.prediction.defective
+    if defective is None:
+        return None
+    found = [outcome(int(label), bool(d)) for label, d in zip(evaluation.labels, defective)]
+    return {name: found.count(name) for name in OUTCOMES}
+
+
 def report_evaluation(
-    detector: Detector, evaluation: Evaluation, out: Path, heatmaps: bool = True, train_seconds: float | None = None
-) -> str:
-    """Write results.json/csv (and heatmaps) for one category; return the printed table."""
+    detector: Detector,
+    evaluation: Evaluation,
+    out: Path,
+    pictures: bool = True,
+    train_seconds: float | None = None,
+    html: bool = True,
+) -> tuple[str, str | None]:
+    """results.json/csv for one category, and with pictures: per-image panels (pictures/),
+    curves (curves/) and, with html, a self-contained report.html. Returns the printed table
+    and the report's HTML section (None without pictures)."""
+    counts = decision_counts(evaluation)
+    thresholds = evaluation.prediction.thresholds
     extra = {
         "head_results": {f"{evaluation.category} [{head}]": m for head, m in evaluation.head_metrics.items()},
         "method": detector.method,
         "config": detector.config.to_json(),
         "ms_per_image": evaluation.ms_per_image,
         "train_seconds": train_seconds,
+        "thresholds": None if thresholds is None else thresholds.to_json(),
+        "decisions": counts,
         "images": {str(p): float(s) for p, s in zip(evaluation.prediction.paths, evaluation.prediction.scores)},
     }
     write_results(out, {evaluation.category: evaluation.metrics}, extra)
-    if heatmaps:
-        names = [f"{Path(p).parent.name}/{Path(p).stem}" for p in evaluation.prediction.paths]
-        write_heatmaps(out / "heatmaps", evaluation.prediction, detector.config.input_size, names)
     rows = [(evaluation.category, evaluation.metrics, train_seconds, evaluation.ms_per_image)]
     rows += [(f"{evaluation.category} [{head} alone]", m, None, None) for head, m in evaluation.head_metrics.items()]
-    return format_table(rows, time_columns=True)
+    header, cells = table_cells(rows, time_columns=True)
+    text = markdown_table(header, cells)
+    if counts is not None:
+        text += f"\nAt the operating threshold ({thresholds.rule}): " + ", ".join(f"{k} {v}" for k, v in counts.items())
+    if not pictures:
+        return text, None
+    panels = write_image_pictures(out / "pictures", evaluation, detector.config.input_size)
+    curves = write_curves(out / "curves", evaluation)
+    note = "" if counts is None else f"Image threshold {thresholds.image:.4f}, pixel threshold {thresholds.pixel:.4f} ({thresholds.rule}); " + ", ".join(f"{k} {v}" for k, v in counts.items())
+    section = evaluation_section(f"{detector.method} on {evaluation.category}", curves, panels, note)
+    if html:
+        write_html(out / "report.html", f"defectflow {detector.method}: {evaluation.category}", [table(header, cells), section])
+    return text, section
 
 
 def train_and_evaluate(detector: Detector, folder: AnomalyFolder, out: Path, progress: bool = True) -> tuple[Evaluation, str]:
@@ -50,5 +82,5 @@ def train_and_evaluate(detector: Detector, folder: AnomalyFolder, out: Path, pro
     if detector.validation is not None:
         detector.validation.save(out / "validation")
     evaluation = detector.evaluate(folder, progress=progress)
-    table = report_evaluation(detector, evaluation, out, train_seconds=train_seconds)
-    return evaluation, table
+    table_text, _ = report_evaluation(detector, evaluation, out, train_seconds=train_seconds)
+    return evaluation, table_text
