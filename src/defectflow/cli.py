@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 import typing
@@ -13,6 +14,8 @@ from typing import Any, Sequence
 import torch
 
 from . import methods
+from .bench import evaluate_saved, find_checkpoints, run_bench
+from .checkpoint import CONFIG_FILE
 from .data import download as downloads
 from .data.elpv import prepare_elpv
 from .data.folder import AnomalyFolder, samples_from_paths
@@ -46,16 +49,43 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=kind, default=None, help=text)
 
 
+def _given_options(args: argparse.Namespace) -> dict[str, Any]:
+    every = {f.name for d in methods.METHODS.values() for f in dataclasses.fields(d.config_class)}
+    return {name: (tuple(v) if isinstance(v, list) else v) for name, v in vars(args).items() if name in every and v is not None}
+
+
+def _own_options(method: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(methods.METHODS[method].config_class)}
+
+
 def _config_overrides(args: argparse.Namespace, method: str) -> dict[str, Any]:
     """The options given on the command line; one the method does not have is an error."""
-    own = {f.name for f in dataclasses.fields(methods.METHODS[method].config_class)}
-    every = {f.name for d in methods.METHODS.values() for f in dataclasses.fields(d.config_class)}
-    given = {name: v for name, v in vars(args).items() if name in every and v is not None}
-    foreign = sorted(set(given) - own)
+    given = _given_options(args)
+    foreign = sorted(set(given) - _own_options(method))
     if foreign:
         flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
         raise DefectflowError(f"{flags} is not an option of --method {method}.")
-    return {name: (tuple(v) if isinstance(v, list) else v) for name, v in given.items()}
+    return given
+
+
+def _bench_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Per-method options: the --options file, then command-line flags for every method that has them."""
+    per_method: dict[str, dict[str, Any]] = {}
+    if args.options is not None:
+        try:
+            per_method = json.loads(Path(args.options).read_text())
+        except (OSError, ValueError) as exc:
+            raise DefectflowError(f"Cannot read --options {args.options}: {exc}") from None
+        if not isinstance(per_method, dict) or not all(isinstance(v, dict) for v in per_method.values()):
+            raise DefectflowError(f"--options {args.options} must be a JSON object of method -> {{option: value}}.")
+        per_method = {m: {k: tuple(v) if isinstance(v, list) else v for k, v in o.items()} for m, o in per_method.items()}
+    given = _given_options(args)
+    unused = sorted(name for name in given if not any(name in _own_options(m) for m in args.methods))
+    if unused:
+        raise DefectflowError(f"{', '.join('--' + n.replace('_', '-') for n in unused)} is not an option of any of {args.methods}.")
+    for method in args.methods:
+        per_method.setdefault(method, {}).update({k: v for k, v in given.items() if k in _own_options(method)})
+    return {m: o for m, o in per_method.items() if o or m in args.methods}
 
 
 # -- data selection --------------------------------------------------------------------------
@@ -109,13 +139,36 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    if args.checkpoint.is_dir() and not (args.checkpoint / CONFIG_FILE).exists() and find_checkpoints(args.checkpoint):
+        if args.data is not None:
+            raise DefectflowError("--data names one category; for a folder of checkpoints use --dataset and --root, or neither.")
+        out = prepare_output(args.out, "eval-all", args.overwrite)
+        if args.dataset is not None and args.root is None:
+            raise DefectflowError("--dataset needs --root.")
+        records = evaluate_saved(args.checkpoint, out, args.dataset, args.root, bool(args.pictures), args.device, progress=not args.quiet)
+        print((out / "summary.md").read_text())
+        print(f"{sum(r.status == 'ok' for r in records)} of {len(records)} checkpoints evaluated; summary in {out}")
+        return
     detector = methods.load(args.checkpoint, device=args.device)
+    if args.data is None and args.dataset is None and detector.trained_on is not None:
+        args.data = Path(detector.trained_on["root"])  # the category it was trained on
     folder = _folder(args)
     out = prepare_output(args.out, f"eval-{folder.name}", args.overwrite)
     evaluation = detector.evaluate(folder, progress=not args.quiet)
-    text, _ = report_evaluation(detector, evaluation, out, pictures=args.pictures)
-    print(text)
-    print(f"Results written to {out}" + (f"; open {out / 'report.html'} in a browser" if args.pictures else ""))
+    pictures = args.pictures is not False
+    print(report_evaluation(detector, evaluation, out, pictures=pictures))
+    print(f"Results written to {out}" + (f"; open {out / 'report.html'} in a browser" if pictures else ""))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    records = run_bench(
+        args.out, args.dataset, args.root, args.categories, args.methods, args.runs, _bench_options(args),
+        pictures=args.pictures, progress=not args.quiet,
+    )
+    print((args.out / "summary.md").read_text())
+    failed = [r for r in records if r.status != "ok"]
+    print(f"{len(records) - len(failed)} of {len(records)} runs finished" + (f", {len(failed)} failed (see above)" if failed else "")
+          + f"; tables and report.html in {args.out}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -181,12 +234,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(train)
     _add_config_options(train)
 
-    evaluate = command("eval", cmd_eval, "evaluate a checkpoint on a category's test images (JSON, CSV, table)")
-    evaluate.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder from `train`")
+    bench = command("bench", cmd_bench, "train and evaluate every category x method x seed; resumable; mean ± std tables")
+    bench.add_argument("--dataset", choices=["folder", *DATASETS], required=True,
+                       help="named dataset, or folder: --root holds category folders in the MVTec layout")
+    bench.add_argument("--root", type=Path, required=True, help="folder holding the categories")
+    bench.add_argument("--categories", nargs="+", default=["all"], help="category names, or all (default)")
+    bench.add_argument("--methods", nargs="+", choices=list(methods.METHODS), default=list(methods.METHODS), help="methods to run")
+    bench.add_argument("--runs", type=int, default=1, help="runs (seeds seed, seed+1, ...) per category and method")
+    bench.add_argument("--out", type=Path, required=True, help="bench folder; run the same command again to continue it")
+    bench.add_argument("--options", type=Path, help='JSON file of per-method options, e.g. {"cflow": {"meta_epochs": 2}}')
+    bench.add_argument("--pictures", choices=["first", "all", "none"], default="first",
+                       help="per-image panels and curves for the first run of each category, every run, or none")
+    _add_config_options(bench)
+
+    evaluate = command("eval", cmd_eval, "evaluate a checkpoint, or every checkpoint in a folder (e.g. a bench), on its test images")
+    evaluate.add_argument("--checkpoint", type=Path, required=True,
+                          help="checkpoint folder from `train`, or a folder of them (a bench folder) to evaluate all")
     evaluate.add_argument("--out", type=Path, help="results folder (default: runs/eval-<data>-<time>)")
     evaluate.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
-    evaluate.add_argument("--pictures", action=argparse.BooleanOptionalAction, default=True,
-                          help="write per-image panels, curves and report.html")
+    evaluate.add_argument("--pictures", action=argparse.BooleanOptionalAction, default=None,
+                          help="write per-image panels, curves and report.html (default: on for one checkpoint, off for a folder)")
     evaluate.add_argument("--device", help="override the checkpoint's device (cpu, cuda)")
     _add_data_options(evaluate)
 

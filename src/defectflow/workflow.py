@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from .data.folder import AnomalyFolder
 from .errors import DataError
 from .htmlreport import evaluation_section, table, write_html
 from .methods import Detector, Evaluation
-from .pictures import OUTCOMES, outcome, write_curves, write_image_pictures
+from .pictures import OUTCOMES, Picture, outcome, write_curves, write_image_pictures
 from .report import markdown_table, table_cells, write_results
 
 
@@ -41,10 +42,9 @@ def report_evaluation(
     pictures: bool = True,
     train_seconds: float | None = None,
     html: bool = True,
-) -> tuple[str, str | None]:
+) -> str:
     """results.json/csv for one category, and with pictures: per-image panels (pictures/),
-    curves (curves/) and, with html, a self-contained report.html. Returns the printed table
-    and the report's HTML section (None without pictures)."""
+    curves (curves/) and, with html, a self-contained report.html. Returns the printed table."""
     counts = decision_counts(evaluation)
     thresholds = evaluation.prediction.thresholds
     extra = {
@@ -64,15 +64,33 @@ def report_evaluation(
     text = markdown_table(header, cells)
     if counts is not None:
         text += f"\nAt the operating threshold ({thresholds.rule}): " + ", ".join(f"{k} {v}" for k, v in counts.items())
-    if not pictures:
-        return text, None
-    panels = write_image_pictures(out / "pictures", evaluation, detector.config.input_size)
-    curves = write_curves(out / "curves", evaluation)
-    note = "" if counts is None else f"Image threshold {thresholds.image:.4f}, pixel threshold {thresholds.pixel:.4f} ({thresholds.rule}); " + ", ".join(f"{k} {v}" for k, v in counts.items())
-    section = evaluation_section(f"{detector.method} on {evaluation.category}", curves, panels, note)
-    if html:
-        write_html(out / "report.html", f"defectflow {detector.method}: {evaluation.category}", [table(header, cells), section])
-    return text, section
+    if pictures:
+        write_image_pictures(out / "pictures", evaluation, detector.config.input_size)
+        write_curves(out / "curves", evaluation)
+        if html:
+            section = folder_section(out, f"{detector.method} on {evaluation.category}")
+            write_html(out / "report.html", f"defectflow {detector.method}: {evaluation.category}", [table(header, cells), section])
+    return text
+
+
+def folder_section(run_dir: Path, heading: str) -> str:
+    """The HTML section of one evaluation folder (results.json, curves/, pictures/) as written by
+    report_evaluation, so a resumed bench can show runs finished in an earlier invocation."""
+    results = json.loads((run_dir / "results.json").read_text())
+    scores = {f"{Path(p).parent.name}_{Path(p).stem}": s for p, s in results.get("images", {}).items()}
+    pictures = [
+        Picture(path, path.parent.name, f"{path.stem}: score {scores.get(path.stem, float('nan')):.3f}")
+        for group in (*OUTCOMES, "defective", "good")
+        for path in sorted((run_dir / "pictures" / group).glob("*.png"))
+    ]
+    curves = {p.stem: p for p in sorted((run_dir / "curves").glob("*.png"))}
+    note = ""
+    if results.get("thresholds"):
+        t = results["thresholds"]
+        note = f"Image threshold {t['image']:.4f}, pixel threshold {t['pixel']:.4f} ({t['rule']})"
+        if results.get("decisions"):
+            note += "; " + ", ".join(f"{k} {v}" for k, v in results["decisions"].items())
+    return evaluation_section(heading, curves, pictures, note)
 
 
 def train_and_evaluate(detector: Detector, folder: AnomalyFolder, out: Path, progress: bool = True) -> tuple[Evaluation, str]:
@@ -82,5 +100,5 @@ def train_and_evaluate(detector: Detector, folder: AnomalyFolder, out: Path, pro
     if detector.validation is not None:
         detector.validation.save(out / "validation")
     evaluation = detector.evaluate(folder, progress=progress)
-    table_text, _ = report_evaluation(detector, evaluation, out, train_seconds=train_seconds)
+    table_text = report_evaluation(detector, evaluation, out, train_seconds=train_seconds)
     return evaluation, table_text

@@ -154,6 +154,7 @@ class Detector:
         self.fit_seconds: dict[str, float] = {}
         self.validation: ValidationSet | None = None  # built in fit from held-out training images
         self.thresholds: Thresholds | None = None
+        self.trained_on: dict[str, str] | None = None  # the category folder fit() was given, if any
 
     # -- what a method provides -------------------------------------------------------------
     def build_model(self, pretrained: bool) -> nn.Module:
@@ -180,7 +181,10 @@ class Detector:
         c = self.config
         torch.manual_seed(c.seed)
         np.random.seed(c.seed)
+        if isinstance(data, (str, Path)):
+            data = AnomalyFolder.scan(data, require_test=False)
         train = _samples(data, "train")
+        self.trained_on = {"category": data.name, "root": str(data.root)} if isinstance(data, AnomalyFolder) else None
         order = np.random.default_rng(c.seed).permutation(len(train))
         n_val = int(round(c.val_fraction * len(train)))
         if n_val < 2 or len(train) - n_val < 2:  # too few images to hold any out
@@ -266,7 +270,7 @@ class Detector:
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         model = self._require_model()
-        extra = {"thresholds": None if self.thresholds is None else self.thresholds.to_json()}
+        extra = {"thresholds": None if self.thresholds is None else self.thresholds.to_json(), "trained_on": self.trained_on}
         return save_checkpoint(path, self.method, self.config.to_json(), model.state_dict(), overwrite=overwrite, extra=extra)
 
     @classmethod
@@ -283,4 +287,5 @@ class Detector:
         detector.model = model.to(detector.device).eval()
         thresholds = meta.get("thresholds")
         detector.thresholds = None if thresholds is None else Thresholds.from_json(thresholds)
+        detector.trained_on = meta.get("trained_on")
         return detector
