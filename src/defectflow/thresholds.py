@@ -3,10 +3,12 @@
 They are chosen at training time from data the model may see: the synthetic validation set
 built from held-out good training images (its clean half and its synthetic defects). Two rules:
 
-- ``f1``: the threshold with the best F1 on the validation set (clean vs synthetic defects for
-  images, defect vs background pixels for the map).
-- ``far``: a target false-alarm rate on good data: the (1 - far) quantile of the clean
+- ``far`` (default): a target false-alarm rate on good data: the (1 - far) quantile of the clean
   validation images' scores, and of the validation pixels outside any defect.
+- ``f1``: the threshold with the best F1 on the validation set (clean vs synthetic defects for
+  images, defect vs background pixels for the map). Synthetic defects are often plainer than
+  real ones, so this threshold tends to sit high: on MVTec bottle (CFlow-AD) it passed 12 to 58
+  of the 63 real defects as OK, with no false alarm.
 """
 
 from __future__ import annotations

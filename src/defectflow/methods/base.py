@@ -44,7 +44,7 @@ class DetectorConfig:
     val_fraction: float = option(0.1, "share of training images held out as a synthetic validation set (thresholds, model choice; 0: none)")
     texture_dir: str | None = option(None, "folder of texture images (e.g. DTD) to fill synthetic defects; default: made here")
     foreground: bool = option(False, "put synthetic defects on the object only (object categories)")
-    threshold_rule: str = option("f1", "operating thresholds from the validation set: f1 (best F1 on synthetic defects) or far (target false-alarm rate on good data)")
+    threshold_rule: str = option("far", "operating thresholds from the validation set: far (target false-alarm rate on its good images and pixels) or f1 (best F1 on its synthetic defects)")
     target_far: float = option(0.01, "false-alarm rate on good images and pixels for threshold_rule far")
     image_score: str = option("max", "image score from the anomaly map: max or mean")
     smoothing_sigma: float = option(4.0, "Gaussian smoothing of the anomaly map in pixels (0: none)")
