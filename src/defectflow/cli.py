@@ -23,6 +23,7 @@ from .data.images import load_image
 from .data.synthetic import DefectSynthesizer, TextureSource, sample_generator
 from .data.named import DATASETS, category_root
 from .errors import DefectflowError
+from .export import export_onnx
 from .report import save_synthetic_grid, write_heatmaps, write_predictions
 from .workflow import prepare_output, report_evaluation, train_and_evaluate
 
@@ -149,7 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print((out / "summary.md").read_text())
         print(f"{sum(r.status == 'ok' for r in records)} of {len(records)} checkpoints evaluated; summary in {out}")
         return
-    detector = methods.load(args.checkpoint, device=args.device)
+    detector = methods.load(args.checkpoint, device=args.device, backend=args.backend)
     if args.data is None and args.dataset is None and detector.trained_on is not None:
         args.data = Path(detector.trained_on["root"])  # the category it was trained on
     folder = _folder(args)
@@ -172,7 +173,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    detector = methods.load(args.checkpoint, device=args.device)
+    detector = methods.load(args.checkpoint, device=args.device, backend=args.backend)
     samples = samples_from_paths(args.images)
     prediction = detector.predict(samples, progress=not args.quiet)
     out = prepare_output(args.out, "predict", args.overwrite)
@@ -189,6 +190,12 @@ def cmd_predict(args: argparse.Namespace) -> None:
               f"({prediction.thresholds.rule}); defect regions in {out / 'regions'}")
     write_heatmaps(out / "heatmaps", prediction, detector.config.input_size, names)
     print(f"Scores and heatmaps written to {out}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    detector = methods.load(args.checkpoint, device="cpu")
+    path = export_onnx(detector, args.checkpoint, args.out, overwrite=args.overwrite)
+    print(f"Exported {detector.method} to {path}; run it with `defectflow predict --backend onnx --checkpoint {args.checkpoint}`")
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
@@ -255,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--pictures", action=argparse.BooleanOptionalAction, default=None,
                           help="write per-image panels, curves and report.html (default: on for one checkpoint, off for a folder)")
     evaluate.add_argument("--device", help="override the checkpoint's device (cpu, cuda)")
+    evaluate.add_argument("--backend", choices=methods.BACKENDS, default="torch", help="onnx: run the exported model.onnx")
     _add_data_options(evaluate)
 
     predict = command("predict", cmd_predict, "score images or folders of images with a checkpoint")
@@ -263,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, help="output folder (default: runs/predict-<time>)")
     predict.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     predict.add_argument("--device", help="override the checkpoint's device (cpu, cuda)")
+    predict.add_argument("--backend", choices=methods.BACKENDS, default="torch",
+                         help="onnx: run the checkpoint's exported model.onnx with onnxruntime (see `export`)")
+
+    export = command("export", cmd_export, "export a checkpoint's whole inference path to ONNX (cflow, clscnf)")
+    export.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder from `train`")
+    export.add_argument("--out", type=Path, help="ONNX file to write (default: <checkpoint>/model.onnx, what --backend onnx reads)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing ONNX file")
 
     synth = command("synth", cmd_synth, "write a picture of synthetic defects on a category's training images")
     synth.add_argument("--out", type=Path, required=True, help="PNG file to write")

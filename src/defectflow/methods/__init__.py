@@ -23,13 +23,24 @@ def create(method: str, **options: Any) -> Detector:
     return METHODS[method](**options)
 
 
-def load(path: str | Path, device: str | None = None) -> Detector:
-    """A trained detector from a checkpoint folder written by Detector.save."""
+BACKENDS = ("torch", "onnx")
+
+
+def load(path: str | Path, device: str | None = None, backend: str = "torch") -> Detector:
+    """A trained detector from a checkpoint folder written by Detector.save; backend "onnx" runs
+    the graph exported into that folder (defectflow export) with onnxruntime instead of PyTorch."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"Unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}.")
     meta, state = read_checkpoint(path)
     method = meta.get("method")
     if method not in METHODS:
         raise CheckpointError(f"{path} holds a {method!r} model, which this defectflow does not know.")
-    return METHODS[method].from_checkpoint(meta, state, device)
+    detector = METHODS[method].from_checkpoint(meta, state, device)
+    if backend == "onnx":
+        from ..export import OnnxBackend
+
+        detector.backend = OnnxBackend(path)
+    return detector
 
 
 __all__ = ["METHODS", "CFlowConfig", "CFlowDetector", "ClsCNFConfig", "ClsCNFDetector", "DifferNetConfig", "DifferNetDetector", "Detector", "DetectorConfig", "Evaluation", "Prediction", "create", "load"]

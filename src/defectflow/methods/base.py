@@ -10,7 +10,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -155,6 +155,7 @@ class Detector:
         self.validation: ValidationSet | None = None  # built in fit from held-out training images
         self.thresholds: Thresholds | None = None
         self.trained_on: dict[str, str] | None = None  # the category folder fit() was given, if any
+        self.backend: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None  # e.g. an ONNX session
 
     # -- what a method provides -------------------------------------------------------------
     def build_model(self, pretrained: bool) -> nn.Module:
@@ -228,7 +229,9 @@ class Detector:
         return self._predict_batches(images.split(self.config.batch_size), [])
 
     def forward_batch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The model's outputs for one batch; an exported (ONNX) detector replaces only this."""
+        """The model's outputs for one batch; an exported (ONNX) backend replaces only this."""
+        if self.backend is not None:
+            return self.backend(images)
         return self._require_model().eval()(images.to(self.device))
 
     @torch.no_grad()
