@@ -42,6 +42,21 @@ def write_mask(path: Path, size: int = 64, box: tuple[int, int, int, int] = (10,
     return path
 
 
+def link_bottle_slice(bottle: Path, root: Path) -> Path:
+    """A category folder at root of symlinks to 6 train and 4 test images (2 good, 2 broken_large) of the real bottle."""
+    picks = {
+        "train/good": sorted((bottle / "train" / "good").glob("*.png"))[:6],
+        "test/good": sorted((bottle / "test" / "good").glob("*.png"))[:2],
+        "test/broken_large": sorted((bottle / "test" / "broken_large").glob("*.png"))[:2],
+        "ground_truth/broken_large": sorted((bottle / "ground_truth" / "broken_large").glob("*.png"))[:2],
+    }
+    for folder, files in picks.items():
+        (root / folder).mkdir(parents=True)
+        for f in files:
+            (root / folder / f.name).symlink_to(f)
+    return root
+
+
 @pytest.fixture
 def tiny_folder(tmp_path: Path) -> Path:
     """A category in the MVTec layout: 4 train, 2 good + 2 defective test images, masks."""

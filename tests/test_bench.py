@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import link_bottle_slice
 from defectflow.bench import RunRecord, aggregate, evaluate_saved, resolve_categories, run_bench
 from defectflow.errors import ConfigError
 
@@ -18,16 +19,7 @@ TINY = {"cflow": dict(input_size=128, meta_epochs=1, sub_epochs=1, fiber_batch=5
 def dataset(bottle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two categories: a slice of the real bottle (symlinks), and one whose training image is corrupt."""
     root = tmp_path_factory.mktemp("dataset")
-    picks = {
-        "train/good": sorted((bottle / "train" / "good").glob("*.png"))[:6],
-        "test/good": sorted((bottle / "test" / "good").glob("*.png"))[:2],
-        "test/broken_large": sorted((bottle / "test" / "broken_large").glob("*.png"))[:2],
-        "ground_truth/broken_large": sorted((bottle / "ground_truth" / "broken_large").glob("*.png"))[:2],
-    }
-    for folder, files in picks.items():
-        (root / "bottle" / folder).mkdir(parents=True)
-        for f in files:
-            (root / "bottle" / folder / f.name).symlink_to(f)
+    link_bottle_slice(bottle, root / "bottle")
     shutil.copytree(root / "bottle", root / "cracked", symlinks=True)
     bad = sorted((root / "cracked" / "train" / "good").iterdir())[0]
     bad.unlink()

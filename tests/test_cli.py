@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import link_bottle_slice
 from defectflow.cli import build_parser, main
 
 TINY = ["--input-size", "128", "--meta-epochs", "1", "--sub-epochs", "1", "--fiber-batch", "512", "--quiet"]
@@ -15,18 +16,7 @@ TINY = ["--input-size", "128", "--meta-epochs", "1", "--sub-epochs", "1", "--fib
 @pytest.fixture(scope="module")
 def bottle_slice(bottle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A category folder of symlinks to 6 train and 4 test images of the real bottle."""
-    root = tmp_path_factory.mktemp("data") / "bottle"
-    picks = {
-        "train/good": sorted((bottle / "train" / "good").glob("*.png"))[:6],
-        "test/good": sorted((bottle / "test" / "good").glob("*.png"))[:2],
-        "test/broken_large": sorted((bottle / "test" / "broken_large").glob("*.png"))[:2],
-        "ground_truth/broken_large": sorted((bottle / "ground_truth" / "broken_large").glob("*.png"))[:2],
-    }
-    for folder, files in picks.items():
-        (root / folder).mkdir(parents=True)
-        for f in files:
-            (root / folder / f.name).symlink_to(f)
-    return root
+    return link_bottle_slice(bottle, tmp_path_factory.mktemp("data") / "bottle")
 
 
 def test_help_documents_every_option(capsys: pytest.CaptureFixture) -> None:
@@ -110,3 +100,23 @@ def test_clscnf_train_saves_validation_set_and_eval_shows_each_head(bottle_slice
     assert main(["eval", "--checkpoint", str(model), "--data", str(bottle_slice), "--out", str(tmp_path / "r"), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "bottle [flow alone]" in out and "bottle [classifier alone]" in out
+
+
+def test_bench_command_and_its_option_errors(bottle_slice: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    options = tmp_path / "options.json"
+    options.write_text(json.dumps({"cflow": {"levels": [3, 4], "val_fraction": 0.5}}))
+    out = tmp_path / "bench"
+    args = ["bench", "--dataset", "folder", "--root", str(bottle_slice), "--methods", "cflow", "--out", str(out),
+            "--options", str(options), "--pictures", "none", *TINY]
+    assert main(args) == 0
+    assert "1 of 1 runs finished" in capsys.readouterr().out
+    record = json.loads((out / "cflow" / "bottle" / "run-0" / "run.json").read_text())
+    assert record["status"] == "ok" and record["config"]["levels"] == [3, 4] and record["config"]["input_size"] == 128
+    assert main(args) == 0  # again: nothing to do
+    assert "1 runs, 1 already finished, 0 to do" in capsys.readouterr().out
+
+    assert main([*args[:-len(TINY)], "--methods", "differnet", "--fiber-batch", "64"]) == 2
+    assert "--fiber-batch is not an option of any of ['differnet']" in capsys.readouterr().err
+    options.write_text("{not json")
+    assert main(args) == 2
+    assert "Cannot read --options" in capsys.readouterr().err

@@ -129,26 +129,24 @@ def write_curves(out_dir: str | Path, evaluation) -> dict[str, Path]:
 
     both = labels.any() and not labels.all()
     pixels = masks is not None and masks.any() and not masks.all()
-    if both or pixels:
+    # (truth, scores) per level; pixels subsampled 2x2: the curves look the same, 4x faster
+    levels = {"image": (labels, scores)} if both else {}
+    if pixels:
+        levels["pixel"] = (masks[:, ::2, ::2].ravel(), maps[:, ::2, ::2].ravel())
+    if levels:
         figure, axis = plt.subplots(figsize=(4, 3.6))
-        if both:
-            fpr, tpr, _ = roc_curve(labels, scores)
-            axis.plot(fpr, tpr, label="image")
-        if pixels:
-            fpr, tpr, _ = roc_curve(masks[:, ::2, ::2].ravel(), maps[:, ::2, ::2].ravel())
-            axis.plot(fpr, tpr, label="pixel")
+        for name, (truth, values) in levels.items():
+            fpr, tpr, _ = roc_curve(truth, values)
+            axis.plot(fpr, tpr, label=name)
         axis.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
         axis.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
         axis.legend()
         save("roc", figure)
 
         figure, axis = plt.subplots(figsize=(4, 3.6))
-        if both:
-            precision, recall, _ = precision_recall_curve(labels, scores)
-            axis.plot(recall, precision, label="image")
-        if pixels:
-            precision, recall, _ = precision_recall_curve(masks[:, ::2, ::2].ravel(), maps[:, ::2, ::2].ravel())
-            axis.plot(recall, precision, label="pixel")
+        for name, (truth, values) in levels.items():
+            precision, recall, _ = precision_recall_curve(truth, values)
+            axis.plot(recall, precision, label=name)
         axis.set(xlabel="recall", ylabel="precision", title="Precision-recall")
         axis.legend()
         save("pr", figure)
