@@ -19,6 +19,7 @@ from .files import save_png
 from .metrics import pro_curve
 
 OUTCOMES = ("FP", "FN", "TP", "TN")  # errors first: what people look at
+CURVES = ("histogram", "roc", "pr", "pro")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from .data.folder import AnomalyFolder
 from .errors import DataError
 from .htmlreport import evaluation_section, table, write_html
 from .methods import Detector, Evaluation
-from .pictures import OUTCOMES, Picture, outcome, write_curves, write_image_pictures
+from .pictures import CURVES, OUTCOMES, Picture, outcome, write_curves, write_image_pictures
 from .report import markdown_table, table_cells, write_results
 
 
@@ -83,7 +83,7 @@ def folder_section(run_dir: Path, heading: str) -> str:
         for group in (*OUTCOMES, "defective", "good")
         for path in sorted((run_dir / "pictures" / group).glob("*.png"))
     ]
-    curves = {p.stem: p for p in sorted((run_dir / "curves").glob("*.png"))}
+    curves = {name: run_dir / "curves" / f"{name}.png" for name in CURVES if (run_dir / "curves" / f"{name}.png").is_file()}
     note = ""
     if results.get("thresholds"):
         t = results["thresholds"]
