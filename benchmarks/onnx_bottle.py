@@ -51,7 +51,7 @@ def main() -> None:
         method = defectflow.load(checkpoint, device="cpu").method
         rows.append([method, f"{torch_ms:.1f}", f"{onnx_ms:.1f}", f"{map_diff:.2e}", f"{score_diff:.2e}", str(same)])
     print(f"torch threads: {torch.get_num_threads()}; {len(folder.test)} test images, one per call")
-    print(markdown_table(["method", "PyTorch ms/img", "ONNX Runtime ms/img", "max |map diff|", "max |score diff|", "same decisions"], rows))
+    print(markdown_table(["method", "PyTorch ms/img", "ONNX Runtime ms/img", "max abs map diff", "max abs score diff", "same decisions"], rows))
 
 
 if __name__ == "__main__":
