@@ -206,7 +206,10 @@ class DifferNetDetector(Detector):
             bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "meta_epoch"})
         if best[1] is not None:
             model.flow.load_state_dict(best[1])
-        self._calibrate_map(images[: min(len(images), 16)])
+        # held-out good images when there are some: at training images the flow sits at its optimum
+        # and their gradients are orders of magnitude smaller than on any unseen good image
+        held_out = None if self.validation is None else self.validation.images[torch.from_numpy(self.validation.labels == 0)]
+        self._calibrate_map(held_out if held_out is not None and len(held_out) else images[: min(len(images), 16)])
         self.fit_seconds["flow"] = time.perf_counter() - start
 
     @torch.no_grad()
@@ -214,7 +217,7 @@ class DifferNetDetector(Detector):
         return self.model.rotation_score(per_rotation).cpu().numpy()
 
     def _calibrate_map(self, images: torch.Tensor) -> None:
-        """Map low/high: mean and max of the gradient map on normal training images."""
+        """Map low/high: mean and max of the gradient map on normal images."""
         raw = torch.cat([self.model.raw_map(images[i:i + 8].to(self.device)) for i in range(0, len(images), 8)])
         self.model.map_low.fill_(raw.mean().item())
         self.model.map_high.fill_(raw.max().item())
