@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
         return sub
 
-    run = command("run", cmd_run, "train and evaluate one category, write metrics, heatmaps and the model")
+    run = command("run", cmd_run, "train and evaluate one category; write metrics, pictures, report.html and the model")
     run.add_argument("--method", choices=list(methods.METHODS), default="cflow", help="detection method")
     run.add_argument("--out", type=Path, help="output folder (default: runs/<method>-<data>-<time>)")
     run.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
