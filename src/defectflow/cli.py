@@ -179,14 +179,13 @@ def cmd_predict(args: argparse.Namespace) -> None:
     out = prepare_output(args.out, "predict", args.overwrite)
     names = [f"{i:05d}_{Path(p).stem}" for i, p in enumerate(prediction.paths)]
     write_predictions(out, prediction, names)
-    verdicts = prediction.defective
-    for index, (path, score) in enumerate(zip(prediction.paths, prediction.scores)):
-        verdict = "" if verdicts is None else ("DEFECT" if verdicts[index] else "OK")
+    verdicts = prediction.verdicts or [""] * len(prediction.paths)
+    for verdict, path, score in zip(verdicts, prediction.paths, prediction.scores):
         print(f"{verdict:6s} {score:10.4f}  {path}")
     if prediction.thresholds is None:
         print("This checkpoint has no operating thresholds (trained with --val-fraction 0): scores only, no OK/DEFECT.")
     else:
-        print(f"{int(verdicts.sum())} of {len(verdicts)} images DEFECT at image threshold {prediction.thresholds.image:.4f} "
+        print(f"{verdicts.count('DEFECT')} of {len(verdicts)} images DEFECT at image threshold {prediction.thresholds.image:.4f} "
               f"({prediction.thresholds.rule}); defect regions in {out / 'regions'}")
     write_heatmaps(out / "heatmaps", prediction, detector.config.input_size, names)
     print(f"Scores and heatmaps written to {out}")

@@ -11,7 +11,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from .pictures import OUTCOMES, Picture
+from .pictures import FOLDERS, Picture
 
 STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
@@ -53,7 +53,7 @@ def evaluation_section(heading: str, curves: dict[str, Path], pictures: Sequence
     if note:
         parts.append(f"<p>{html.escape(note)}</p>")
     parts.append('<div class="curves">' + "".join(figure(p, name, 480) for name, p in curves.items()) + "</div>")
-    for name in (*OUTCOMES, "defective", "good"):
+    for name in FOLDERS:
         group = [p for p in pictures if p.outcome == name]
         if group:
             opened = " open" if name in ("FP", "FN") else ""

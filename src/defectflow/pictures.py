@@ -19,6 +19,7 @@ from .files import save_png
 from .metrics import pro_curve
 
 OUTCOMES = ("FP", "FN", "TP", "TN")  # errors first: what people look at
+FOLDERS = (*OUTCOMES, "defective", "good")  # the last two: by label, when there are no thresholds
 CURVES = ("histogram", "roc", "pr", "pro")
 
 

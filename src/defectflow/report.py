@@ -102,13 +102,12 @@ def write_predictions(out_dir: str | Path, prediction, names: Sequence[str]) -> 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    defective, regions = prediction.defective, prediction.regions
+    verdicts, regions = prediction.verdicts, prediction.regions
     with (out_dir / "scores.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "score", "decision"])
         for index, (path, score) in enumerate(zip(prediction.paths, prediction.scores)):
-            decision = "" if defective is None else ("DEFECT" if defective[index] else "OK")
-            writer.writerow([str(path), f"{score:.6f}", decision])
+            writer.writerow([str(path), f"{score:.6f}", "" if verdicts is None else verdicts[index]])
     if regions is not None:
         (out_dir / "regions").mkdir(exist_ok=True)
         for path, name, region in zip(prediction.paths, names, regions):

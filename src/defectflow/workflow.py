@@ -6,12 +6,11 @@ import json
 import time
 from pathlib import Path
 
-
 from .data.folder import AnomalyFolder
 from .errors import DataError
 from .htmlreport import evaluation_section, table, write_html
 from .methods import Detector, Evaluation
-from .pictures import CURVES, OUTCOMES, Picture, outcome, write_curves, write_image_pictures
+from .pictures import CURVES, FOLDERS, OUTCOMES, Picture, outcome, write_curves, write_image_pictures
 from .report import markdown_table, table_cells, write_results
 
 
@@ -33,6 +32,10 @@ def decision_counts(evaluation: Evaluation) -> dict[str, int] | None:
         return None
     found = [outcome(int(label), bool(d)) for label, d in zip(evaluation.labels, defective)]
     return {name: found.count(name) for name in OUTCOMES}
+
+
+def counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
 
 
 def report_evaluation(
@@ -63,7 +66,7 @@ def report_evaluation(
     header, cells = table_cells(rows, time_columns=True)
     text = markdown_table(header, cells)
     if counts is not None:
-        text += f"\nAt the operating threshold ({thresholds.rule}): " + ", ".join(f"{k} {v}" for k, v in counts.items())
+        text += f"\nAt the operating threshold ({thresholds.rule}): " + counts_text(counts)
     if pictures:
         write_image_pictures(out / "pictures", evaluation, detector.config.input_size)
         write_curves(out / "curves", evaluation)
@@ -80,7 +83,7 @@ def folder_section(run_dir: Path, heading: str) -> str:
     scores = {f"{Path(p).parent.name}_{Path(p).stem}": s for p, s in results.get("images", {}).items()}
     pictures = [
         Picture(path, path.parent.name, f"{path.stem}: score {scores.get(path.stem, float('nan')):.3f}")
-        for group in (*OUTCOMES, "defective", "good")
+        for group in FOLDERS
         for path in sorted((run_dir / "pictures" / group).glob("*.png"))
     ]
     curves = {name: run_dir / "curves" / f"{name}.png" for name in CURVES if (run_dir / "curves" / f"{name}.png").is_file()}
@@ -89,7 +92,7 @@ def folder_section(run_dir: Path, heading: str) -> str:
         t = results["thresholds"]
         note = f"Image threshold {t['image']:.4f}, pixel threshold {t['pixel']:.4f} ({t['rule']})"
         if results.get("decisions"):
-            note += "; " + ", ".join(f"{k} {v}" for k, v in results["decisions"].items())
+            note += "; " + counts_text(results["decisions"])
     return evaluation_section(heading, curves, pictures, note)
 
 

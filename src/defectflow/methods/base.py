@@ -103,6 +103,12 @@ class Prediction:
         return None if self.thresholds is None else self.scores.astype(np.float64) >= self.thresholds.image
 
     @property
+    def verdicts(self) -> list[str] | None:
+        """"DEFECT" or "OK" per image, as predict prints and writes them; None without thresholds."""
+        defective = self.defective
+        return None if defective is None else ["DEFECT" if d else "OK" for d in defective]
+
+    @property
     def regions(self) -> np.ndarray | None:
         """Binary defect-region masks at the pixel threshold; None without thresholds."""
         return None if self.thresholds is None else self.maps.astype(np.float64) >= self.thresholds.pixel
