@@ -3,8 +3,8 @@
     HF_HOME=../shared/hf-home HF_HUB_OFFLINE=1 python benchmarks/cflow_bottle.py
 
 Prints the four metrics, training wall time (feature extraction, flows, total) and inference
-ms/image beside the figures anomalib 2.7's Cflow reached on this machine with the same backbone
-and weights (measured once and given in issue #2; anomalib is not installed here to re-run it).
+ms/image, with the tool's default settings unless options say otherwise, beside the figures
+anomalib 2.7's Cflow reached on this machine with the same backbone and weights (measured once and given in issue #2; anomalib is not installed here to re-run it).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import time
 
 import defectflow
 from defectflow.data.folder import AnomalyFolder
+from defectflow.methods import CFlowConfig
 from defectflow.report import format_table
 
 ANOMALIB_REFERENCE = {"image_auroc": 1.0, "pixel_auroc": 0.9817, "pixel_aupr": None, "aupro": 0.9089}
@@ -23,13 +24,14 @@ ANOMALIB_TRAIN_SECONDS = 379.0
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/mvtec/bottle")
-    parser.add_argument("--meta-epochs", type=int, default=2)
-    parser.add_argument("--sub-epochs", type=int, default=2)
-    parser.add_argument("--fiber-batch", type=int, default=1024)
-    parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3, 4])
-    parser.add_argument("--epoch-vectors", type=int, default=200_000)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    defaults = CFlowConfig()
+    parser.add_argument("--meta-epochs", type=int, default=defaults.meta_epochs)
+    parser.add_argument("--sub-epochs", type=int, default=defaults.sub_epochs)
+    parser.add_argument("--fiber-batch", type=int, default=defaults.fiber_batch)
+    parser.add_argument("--levels", type=int, nargs="+", default=list(defaults.levels))
+    parser.add_argument("--epoch-vectors", type=int, default=defaults.epoch_vectors)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
     args = parser.parse_args()
 
     folder = AnomalyFolder.scan(args.data)

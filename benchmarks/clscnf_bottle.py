@@ -29,8 +29,6 @@ def main() -> None:
     parser.add_argument("--joint-epochs", type=int, help="stage-1 epochs, fine-tuning (default: clscnf's)")
     args = parser.parse_args()
 
-    flows = dict(levels=(1, 2, 3, 4), fiber_batch=1024, epoch_vectors=200_000, lr=1e-3, meta_epochs=2, sub_epochs=2,
-                 seed=args.seed)
     folder = AnomalyFolder.scan(args.data)
 
     def timed_fit(detector, **kwargs):
@@ -38,9 +36,9 @@ def main() -> None:
         detector.fit(folder, **kwargs)
         return detector, time.perf_counter() - start
 
-    baseline, baseline_s = timed_fit(defectflow.create("cflow", **flows))
+    baseline, baseline_s = timed_fit(defectflow.create("cflow", seed=args.seed))
     schedule = {k: v for k, v in (("frozen_epochs", args.frozen_epochs), ("joint_epochs", args.joint_epochs)) if v is not None}
-    clscnf_options = dict(flows, foreground=True, **schedule)
+    clscnf_options = dict(seed=args.seed, foreground=True, **schedule)
     shared, shared_s = timed_fit(defectflow.create("clscnf", **clscnf_options))
     unshared, unshared_s = timed_fit(defectflow.create("clscnf", **clscnf_options, shared=False), classifier_from=shared)
 

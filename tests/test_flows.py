@@ -58,3 +58,28 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     assert max(factors) <= 1.0
     assert factors[10] > factors[20] > factors[30] > 0  # cosine decay per meta-epoch
     assert factors[11] == factors[19]  # constant within a meta-epoch
+
+
+def test_every_level_takes_the_same_steps_and_sees_all_its_vectors() -> None:
+    """A coarse level (few vectors) gets as many steps as the finest one, in full shuffled passes."""
+    torch.manual_seed(0)
+    features = [torch.randn(2, 3, 8, 8), torch.randn(2, 5, 2, 2)]  # 128 and 8 vectors
+    flows = ConditionalFlows([3, 5], cond_dim=8, n_blocks=1)
+    seen: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    original = flows.vector_log_likelihood
+
+    def spy(level: int, vectors: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        seen[level].append(vectors.detach().clone())
+        return original(level, vectors, cond)
+
+    flows.vector_log_likelihood = spy  # type: ignore[method-assign]
+    train_flows(flows, features, CFlowConfig(fiber_batch=16, epoch_vectors=64, meta_epochs=1, sub_epochs=2), progress=False)
+    assert len(seen[0]) == len(seen[1]) == 2 * 4  # 64 vectors per level and epoch, 16 per step
+    coarse = torch.cat(seen[1][:4])  # the first epoch: 8 passes over the coarse level's 8 vectors
+    all_coarse = features[1].permute(0, 2, 3, 1).reshape(-1, 5)
+    for start in range(0, 64, 8):
+        assert torch.equal(coarse[start:start + 8].sort(dim=0).values, all_coarse.sort(dim=0).values)
+    # a budget above the finest level's count is cut to it: every level then takes 128/16 steps
+    seen = {0: [], 1: []}
+    train_flows(flows, features, CFlowConfig(fiber_batch=16, epoch_vectors=10_000, meta_epochs=1, sub_epochs=1), progress=False)
+    assert len(seen[0]) == len(seen[1]) == 8
