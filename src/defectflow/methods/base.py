@@ -142,6 +142,15 @@ def _samples(data: AnomalyFolder | str | Path | Sequence[str | Path] | Sequence[
     return samples_from_paths(data)
 
 
+def hold_out(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(held out, kept): a seeded random share of the samples, none when too few would be left."""
+    order = np.random.default_rng(seed).permutation(len(samples))
+    n_held = int(round(fraction * len(samples)))
+    if n_held < 2 or len(samples) - n_held < 2:
+        n_held = 0
+    return [samples[i] for i in sorted(order[:n_held])], [samples[i] for i in sorted(order[n_held:])]
+
+
 class Detector:
     """Base class. Subclasses set `method`, `config_class`, and implement build_model and _fit."""
 
@@ -192,14 +201,10 @@ class Detector:
             data = AnomalyFolder.scan(data, require_test=False)
         train = _samples(data, "train")
         self.trained_on = {"category": data.name, "root": str(data.root)} if isinstance(data, AnomalyFolder) else None
-        order = np.random.default_rng(c.seed).permutation(len(train))
-        n_val = int(round(c.val_fraction * len(train)))
-        if n_val < 2 or len(train) - n_val < 2:  # too few images to hold any out
-            n_val = 0
-        held_out = [train[i] for i in sorted(order[:n_val])]
+        held_out, kept = hold_out(train, c.val_fraction, c.seed)
         self.validation = self._validation_set(held_out, progress) if held_out else None
         self.thresholds = None
-        self._fit([train[i] for i in sorted(order[n_val:])], progress)
+        self._fit(kept, progress)
         if self.validation is not None:
             self.thresholds = self._choose_thresholds()
         return self
