@@ -4,7 +4,8 @@
 
 Prints the four metrics, training wall time (feature extraction, flows, total) and inference
 ms/image, with the tool's default settings unless options say otherwise, beside the figures
-anomalib 2.7's Cflow reached on this machine with the same backbone and weights (measured once and given in issue #2; anomalib is not installed here to re-run it).
+anomalib 2.7's Cflow reached on this machine with the same backbone and weights (measured once
+and given in issue #2; anomalib is not installed here to re-run it).
 """
 
 from __future__ import annotations
