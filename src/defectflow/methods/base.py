@@ -22,6 +22,7 @@ from ..checkpoint import save_checkpoint
 from ..data.folder import AnomalyFolder, ImageDataset, Sample, load_images, load_sample_mask, samples_from_paths
 from ..data.synthetic import DefectSynthesizer, TextureSource, ValidationSet, build_validation_set
 from ..errors import CheckpointError, ConfigError
+from ..features.extractor import FeatureExtractor
 from ..metrics import compute_metrics
 from ..scoring import IMAGE_REDUCTIONS, image_scores
 from ..thresholds import RULES, Thresholds, choose_thresholds
@@ -180,6 +181,13 @@ class Detector:
         raise NotImplementedError
 
     # -- shared machinery -------------------------------------------------------------------
+    def build_extractor(self, pretrained: bool, levels: Sequence[int] | None = None) -> FeatureExtractor:
+        """The configured backbone at `levels` (default: the configured ones). Without pretrained
+        weights it is only a shape for a checkpoint's weights to load into."""
+        c = self.config
+        return FeatureExtractor(c.backbone, tuple(levels or c.levels), pretrained=pretrained,
+                                weights=c.weights if pretrained else None)
+
     def loader(self, samples: Sequence[Sample], shuffle: bool = False) -> DataLoader:
         return DataLoader(
             ImageDataset(samples, self.config.input_size),

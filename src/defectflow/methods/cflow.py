@@ -184,10 +184,6 @@ class CFlowDetector(Detector):
     config_class = CFlowConfig
     config: CFlowConfig
 
-    def build_extractor(self, pretrained: bool) -> FeatureExtractor:
-        c = self.config
-        return FeatureExtractor(c.backbone, c.levels, pretrained=pretrained, weights=c.weights if pretrained else None)
-
     def build_model(self, pretrained: bool) -> FlowMapModel:
         c = self.config
         extractor = self.build_extractor(pretrained)

@@ -118,11 +118,10 @@ class ClsCNFDetector(Detector):
     def build_model(self, pretrained: bool) -> ClsCNFModel:
         c = self.config
         union, flow_index, decoder_index = self._levels()
-        weights = c.weights if pretrained else None
-        extractor = FeatureExtractor(c.backbone, union, pretrained=pretrained, weights=weights)
+        extractor = self.build_extractor(pretrained, union)
         flow_extractor = None
         if not c.shared:
-            flow_extractor = FeatureExtractor(c.backbone, c.levels, pretrained=pretrained, weights=weights)
+            flow_extractor = self.build_extractor(pretrained)
             flow_channels = flow_extractor.channels
         else:
             flow_channels = [extractor.channels[i] for i in flow_index]

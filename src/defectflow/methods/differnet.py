@@ -124,7 +124,7 @@ class DifferNetDetector(Detector):
 
     def build_model(self, pretrained: bool) -> DifferNetModel:
         c = self.config
-        extractor = FeatureExtractor(c.backbone, c.levels, pretrained=pretrained, weights=c.weights if pretrained else None)
+        extractor = self.build_extractor(pretrained)
         dims = extractor.channels[-1] * len(c.scales)
         return DifferNetModel(extractor, image_flow(dims, c.coupling_blocks, c.clamp, c.subnet_width), c)
 
