@@ -18,17 +18,24 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 
 import defectflow
 from defectflow.data.folder import AnomalyFolder
 from defectflow.heads.flows import ConditionalFlows
 from defectflow.methods.base import hold_out
-from defectflow.methods.cflow import CFlowConfig, collect_features, train_flows
+from defectflow.methods.cflow import CFlowConfig, build_flow_scorer, collect_features, train_flows, vectors_per_epoch
 from defectflow.report import markdown_table
 
 LEVELS = (1, 2, 3, 4)
 STRIDES = {1: 4, 2: 8, 3: 16, 4: 32}
+
+
+def seed(value: int) -> None:
+    """Both generators flows draw from: torch for weights and batches, numpy for FrEIA's soft permutations."""
+    torch.manual_seed(value)
+    np.random.seed(value)
 
 
 def main() -> None:
@@ -48,6 +55,9 @@ def main() -> None:
     counts = [f.shape[0] * f.shape[2] * f.shape[3] for f in features]
     channels = [f.shape[1] for f in features]
 
+    def steps(config: CFlowConfig, level_counts: list[int]) -> int:
+        return config.meta_epochs * config.sub_epochs * -(-vectors_per_epoch(config, level_counts) // config.fiber_batch)
+
     def held_out_nll(flows: ConditionalFlows, index: int, level: int) -> float:
         with torch.no_grad():
             return -flows.level_log_likelihood(level, held_out_features[index]).mean().item()
@@ -56,22 +66,22 @@ def main() -> None:
     old_nll, old_steps, old_seconds = [], [], 0.0
     for index in range(len(LEVELS)):
         config = CFlowConfig(fiber_batch=1024, epoch_vectors=min(counts[index], 200_000))
-        torch.manual_seed(args.seed)
-        flows = ConditionalFlows([channels[index]], config.condition_dim, config.coupling_blocks, config.clamp).to(device)
+        seed(args.seed)
+        flows = build_flow_scorer(config, [channels[index]]).flows.to(device)
         start = time.perf_counter()
         train_flows(flows, [features[index]], config, progress=False)
         old_seconds += time.perf_counter() - start
         old_nll.append(held_out_nll(flows, index, 0))
-        old_steps.append(config.meta_epochs * config.sub_epochs * -(-config.epoch_vectors // config.fiber_batch))
+        old_steps.append(steps(config, [counts[index]]))
 
     # equal steps: all levels together with the default settings, as CFlowDetector trains them
     config = CFlowConfig()
-    torch.manual_seed(args.seed)
-    flows = ConditionalFlows(channels, config.condition_dim, config.coupling_blocks, config.clamp).to(device)
+    seed(args.seed)
+    flows = build_flow_scorer(config, channels).flows.to(device)
     start = time.perf_counter()
     train_flows(flows, features, config, progress=False)
     new_seconds = time.perf_counter() - start
-    new_steps = config.meta_epochs * config.sub_epochs * -(-min(config.epoch_vectors, max(counts)) // config.fiber_batch)
+    new_steps = steps(config, counts)
 
     rows = [
         [f"{level} (stride {STRIDES[level]})", f"{counts[i]:,}", str(old_steps[i]), f"{old_nll[i]:.3f}", str(new_steps),

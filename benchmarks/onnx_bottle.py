@@ -43,13 +43,13 @@ def main() -> None:
             start = time.perf_counter()
             export_onnx(defectflow.load(checkpoint, device="cpu"), checkpoint)
             print(f"exported {checkpoint} in {time.perf_counter() - start:.1f} s")
-        torch_run, torch_ms = timed_predict(defectflow.load(checkpoint, device="cpu"), folder)
+        detector = defectflow.load(checkpoint, device="cpu")
+        torch_run, torch_ms = timed_predict(detector, folder)
         onnx_run, onnx_ms = timed_predict(defectflow.load(checkpoint, device="cpu", backend="onnx"), folder)
         map_diff = float(np.abs(torch_run.maps - onnx_run.maps).max())
         score_diff = float(np.abs(torch_run.scores - onnx_run.scores).max())
         same = bool(np.array_equal(torch_run.defective, onnx_run.defective)) if torch_run.defective is not None else "n/a"
-        method = defectflow.load(checkpoint, device="cpu").method
-        rows.append([method, f"{torch_ms:.1f}", f"{onnx_ms:.1f}", f"{map_diff:.2e}", f"{score_diff:.2e}", str(same)])
+        rows.append([detector.method, f"{torch_ms:.1f}", f"{onnx_ms:.1f}", f"{map_diff:.2e}", f"{score_diff:.2e}", str(same)])
     print(f"torch threads: {torch.get_num_threads()}; {len(folder.test)} test images, one per call")
     print(markdown_table(["method", "PyTorch ms/img", "ONNX Runtime ms/img", "max abs map diff", "max abs score diff", "same decisions"], rows))
 

@@ -66,7 +66,6 @@ def test_onnx_gives_the_same_maps_as_pytorch(method: str, small_bottle: AnomalyF
         defectflow.load(checkpoint, backend="onnx")
 
 
-
 def test_differnet_export_is_refused_with_the_reason(tmp_path: Path, small_bottle: AnomalyFolder) -> None:
     detector = defectflow.create("differnet", input_size=64, meta_epochs=1, sub_epochs=1, augment_copies=1, test_rotations=1,
                                  subnet_width=32, coupling_blocks=2, val_fraction=0.0)

@@ -127,6 +127,12 @@ def collect_features(
     return [torch.cat(level) for level in per_level]
 
 
+def vectors_per_epoch(config: CFlowConfig, level_counts: Sequence[int]) -> int:
+    """How many vectors every level draws in one epoch: epoch_vectors, capped at the largest level's count."""
+    largest = max(level_counts)
+    return min(config.epoch_vectors or largest, largest)
+
+
 def train_flows(
     flows: ConditionalFlows, features: Sequence[torch.Tensor], config: CFlowConfig, progress: bool
 ) -> list[float]:
@@ -135,14 +141,13 @@ def train_flows(
     Every level takes the same number of steps per epoch. Drawing each level's vectors once per
     epoch instead leaves a coarse level (a few vectors per image) with a few dozen steps in all and
     its flow far from fitted: on MVTec bottle the stride-32 flow's NLL per dimension on held-out
-    good images was 1.22 after the 48 steps that gave it, 0.11 after 1,000 (benchmarks/flow_steps_bottle.py).
+    good images was 1.21 after the 48 steps that gave it, 0.11 after 1,000 (benchmarks/flow_steps_bottle.py).
     """
     device = features[0].device
     vectors = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features]
     conditions = [flows.condition(f.shape[2], f.shape[3], device) for f in features]
     positions = [f.shape[2] * f.shape[3] for f in features]
-    largest = max(len(v) for v in vectors)
-    per_epoch = min(config.epoch_vectors or largest, largest)
+    per_epoch = vectors_per_epoch(config, [len(v) for v in vectors])
     steps_per_epoch = len(vectors) * math.ceil(per_epoch / config.fiber_batch)
     optimizer = torch.optim.Adam(flows.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
