@@ -7,7 +7,7 @@ from defectflow.heads.classifier import SegmentationDecoder, segmentation_loss
 def test_decoder_reaches_input_resolution() -> None:
     decoder = SegmentationDecoder([16, 24, 40], width=32)
     features = [torch.randn(2, 16, 32, 32), torch.randn(2, 24, 16, 16), torch.randn(2, 40, 8, 8)]
-    assert decoder(features, 64).shape == (2, 1, 64, 64)
+    assert decoder(features, (64, 96)).shape == (2, 1, 64, 96)
 
 
 @pytest.mark.parametrize("kind", ["bce", "focal", "dice"])
@@ -21,7 +21,7 @@ def test_each_loss_trains_the_decoder_on_a_simple_target(kind: str) -> None:
     optimizer = torch.optim.Adam(decoder.parameters(), lr=1e-2)
     losses = []
     for _ in range(60):
-        loss = segmentation_loss(decoder(features, 32), target, kind)
+        loss = segmentation_loss(decoder(features, (32, 32)), target, kind)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -111,7 +111,7 @@ def test_bench_command_and_its_option_errors(bottle_slice: Path, tmp_path: Path,
     assert main(args) == 0
     assert "1 of 1 runs finished" in capsys.readouterr().out
     record = json.loads((out / "cflow" / "bottle" / "run-0" / "run.json").read_text())
-    assert record["status"] == "ok" and record["config"]["levels"] == [3, 4] and record["config"]["input_size"] == 128
+    assert record["status"] == "ok" and record["config"]["levels"] == [3, 4] and record["config"]["input_size"] == [128]
     assert main(args) == 0  # again: nothing to do
     assert "1 runs, 1 already finished, 0 to do" in capsys.readouterr().out
 

@@ -18,7 +18,7 @@ from .bench import evaluate_saved, find_checkpoints, run_bench
 from .checkpoint import CONFIG_FILE
 from .data import download as downloads
 from .data.elpv import prepare_elpv
-from .data.folder import AnomalyFolder, samples_from_paths
+from .data.folder import AnomalyFolder, fitted_size, samples_from_paths
 from .data.images import load_image
 from .data.synthetic import DefectSynthesizer, TextureSource, sample_generator
 from .data.named import DATASETS, category_root
@@ -187,7 +187,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     else:
         print(f"{verdicts.count('DEFECT')} of {len(verdicts)} images DEFECT at image threshold {prediction.thresholds.image:.4f} "
               f"({prediction.thresholds.rule}); defect regions in {out / 'regions'}")
-    write_heatmaps(out / "heatmaps", prediction, detector.config.input_size, names)
+    write_heatmaps(out / "heatmaps", prediction, detector.image_size, names)
     print(f"Scores and heatmaps written to {out}")
 
 
@@ -200,8 +200,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_synth(args: argparse.Namespace) -> None:
     folder = _folder(args)
     train = folder.train
-    images = torch.stack([load_image(s.path, args.input_size) for s in train[: max(args.count, 8)]])
-    source = TextureSource(args.input_size, args.texture_dir, normal_images=images)
+    size = fitted_size(train, args.input_size)
+    images = torch.stack([load_image(s.path, size) for s in train[: max(args.count, 8)]])
+    source = TextureSource(size, args.texture_dir, normal_images=images)
     synthesizer = DefectSynthesizer(source, use_foreground=args.foreground)
     samples = [
         synthesizer(images[i % len(images)], sample_generator(args.seed, i), force=True) for i in range(args.count)
@@ -282,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", type=Path, required=True, help="PNG file to write")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     synth.add_argument("--count", type=int, default=8, help="number of samples in the grid")
-    synth.add_argument("--input-size", type=int, default=256, help="image size")
+    synth.add_argument("--input-size", type=int, default=256, help="short side in pixels (the long side keeps the images' aspect ratio)")
     synth.add_argument("--texture-dir", help="texture images (e.g. DTD); default: textures made here")
     synth.add_argument("--foreground", action="store_true", help="defects on the object only")
     synth.add_argument("--seed", type=int, default=0, help="random seed")

@@ -1,6 +1,6 @@
 """ONNX export of the whole inference path, and an onnxruntime backend for `predict`.
 
-The exported graph takes images (N x 3 x S x S, values in [0, 1]) and returns the calibrated,
+The exported graph takes images (N x 3 x H x W, values in [0, 1]) and returns the calibrated,
 fused anomaly map, the image score, and each head's map: extractor, heads, fusion and
 normalisation all inside, so a line computer needs onnxruntime and nothing of PyTorch.
 
@@ -55,8 +55,8 @@ def export_onnx(detector, checkpoint: str | Path, path: str | Path | None = None
             "to the input pixels, which an ONNX inference graph cannot compute. Export cflow or clscnf."
         )
     model = detector._require_model().eval().cpu()
-    size = detector.config.input_size
-    example = torch.rand(1, 3, size, size)  # one image per run, as on an inspection line
+    size = detector.image_size
+    example = torch.rand(1, 3, *size)  # one image per run, as on an inspection line
     with torch.no_grad():
         names = list(model(example))
     outputs = ["map", "score", *(n for n in names if n not in ("map", "score"))]
@@ -68,7 +68,7 @@ def export_onnx(detector, checkpoint: str | Path, path: str | Path | None = None
             dynamo=True, external_data=False, verbose=False,
         )
     meta = {"weights_sha256": json.loads((checkpoint / CONFIG_FILE).read_text())["weights_sha256"],
-            "onnx_sha256": sha256_of(path), "outputs": outputs, "input_size": size}
+            "onnx_sha256": sha256_of(path), "outputs": outputs, "input_size": list(size)}
     (path.parent / (path.name + ".json")).write_text(json.dumps(meta, indent=2))
     detector.model.to(detector.device)
     return path

@@ -70,7 +70,7 @@ def outcome(label: int, defective: bool | None) -> str:
     return ("TP" if defective else "FN") if label else ("FP" if defective else "TN")
 
 
-def write_image_pictures(out_dir: str | Path, evaluation, input_size: int) -> list[Picture]:
+def write_image_pictures(out_dir: str | Path, evaluation, input_size: tuple[int, int]) -> list[Picture]:
     """One panel PNG per test image of an Evaluation, in outcome folders."""
     out_dir = Path(out_dir)
     prediction = evaluation.prediction

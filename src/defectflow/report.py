@@ -75,7 +75,7 @@ def write_results(out_dir: str | Path, results: dict[str, dict[str, float | None
     return json_path, csv_path
 
 
-def write_heatmaps(out_dir: str | Path, prediction, input_size: int, names: Sequence[str] | None = None) -> Path:
+def write_heatmaps(out_dir: str | Path, prediction, input_size: tuple[int, int], names: Sequence[str] | None = None) -> Path:
     """One PNG per image (input | heatmap overlay) below out_dir, keeping the input's sub-folder.
 
     Maps are calibrated (1 = the most anomalous pixel of normal training images); the colour scale

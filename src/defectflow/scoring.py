@@ -16,12 +16,12 @@ from torchvision.transforms.functional import gaussian_blur
 IMAGE_REDUCTIONS = ("max", "mean")
 
 
-def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
-    """B x h x w -> B x size x size, bilinear."""
-    return F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """B x h x w -> B x height x width, bilinear."""
+    return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
 
 
-def flow_anomaly_map(log_likelihoods: Sequence[torch.Tensor], references: torch.Tensor, size: int) -> torch.Tensor:
+def flow_anomaly_map(log_likelihoods: Sequence[torch.Tensor], references: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """CFlow-AD's map: levels' likelihoods, relative to a reference per level, summed at input size.
 
     exp(ll - ref) is a likelihood in (0, ~1]; summing them over levels and subtracting from the

@@ -38,6 +38,13 @@ def counts_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items())
 
 
+def pixel_protocol(detector: Detector) -> str:
+    """How the pixel metrics were measured, so figures are compared only with like figures."""
+    height, width = detector.image_size
+    how = {"cover": "every pixel a defect touches (no region lost)", "nearest": "nearest neighbour (the papers' protocol)"}
+    return f"maps and ground truth at {height} x {width} (height x width); masks resized by {how[detector.config.mask_resampling]}"
+
+
 def report_evaluation(
     detector: Detector,
     evaluation: Evaluation,
@@ -57,6 +64,7 @@ def report_evaluation(
         "ms_per_image": evaluation.ms_per_image,
         "train_seconds": train_seconds,
         "thresholds": None if thresholds is None else thresholds.to_json(),
+        "pixel_protocol": pixel_protocol(detector) if evaluation.masks is not None else None,
         "decisions": counts,
         "images": {str(p): float(s) for p, s in zip(evaluation.prediction.paths, evaluation.prediction.scores)},
     }
@@ -65,10 +73,12 @@ def report_evaluation(
     rows += [(f"{evaluation.category} [{head} alone]", m, None, None) for head, m in evaluation.head_metrics.items()]
     header, cells = table_cells(rows, time_columns=True)
     text = markdown_table(header, cells)
+    if evaluation.masks is not None:
+        text += f"\nPixel metrics: {pixel_protocol(detector)}"
     if counts is not None:
         text += f"\nAt the operating threshold ({thresholds.rule}): " + counts_text(counts)
     if pictures:
-        write_image_pictures(out / "pictures", evaluation, detector.config.input_size)
+        write_image_pictures(out / "pictures", evaluation, detector.image_size)
         write_curves(out / "curves", evaluation)
         if html:
             section = folder_section(out, f"{detector.method} on {evaluation.category}")

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import DataError
-from .images import IMAGE_EXTENSIONS, image_size, load_image, load_mask, read_image, resize_image
+from .images import IMAGE_EXTENSIONS, Size, as_size, image_size, load_image, load_mask, read_image, resize_image
 
 GOOD_NAMES = ("good", "ok")
 _MASK_PATTERNS = ("{stem}_mask.png", "{stem}.png", "{stem}.bmp", "{stem}_mask.bmp", "{stem}_mask.tif", "{stem}.tif")
@@ -114,15 +115,16 @@ class AnomalyFolder:
 
 
 class ImageDataset(Dataset):
-    """Loads samples as {"image": 3xSxS in [0,1], "mask": 1xSxS of 0/1, "label", "index"}.
+    """Loads samples as {"image": 3xHxW in [0,1], "mask": 1xHxW of 0/1, "label", "index"}.
 
     Normal images get an all-zero mask; defective images without a mask get an all-zero mask too,
     and the caller knows from AnomalyFolder.has_masks that pixel metrics are not available.
     """
 
-    def __init__(self, samples: Sequence[Sample], size: int) -> None:
+    def __init__(self, samples: Sequence[Sample], size: int | Sequence[int], mask_resampling: str = "cover") -> None:
         self.samples = list(samples)
-        self.size = size
+        self.size = as_size(size)
+        self.mask_resampling = mask_resampling
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -131,20 +133,34 @@ class ImageDataset(Dataset):
         sample = self.samples[index]
         full = read_image(sample.path)
         height, width = full.shape[-2:]
-        mask = load_sample_mask(sample, self.size, full_size=(width, height))
+        mask = load_sample_mask(sample, self.size, full_size=(width, height), resampling=self.mask_resampling)
         return {"image": resize_image(full, self.size), "mask": mask, "label": sample.label, "index": index}
 
 
-def load_sample_mask(sample: Sample, size: int, full_size: tuple[int, int] | None = None) -> torch.Tensor:
-    """1 x size x size mask of a sample (zeros without a mask file), checked against its image's
+def load_sample_mask(
+    sample: Sample, size: int | Sequence[int], full_size: tuple[int, int] | None = None, resampling: str = "cover"
+) -> torch.Tensor:
+    """1 x H x W mask of a sample (zeros without a mask file), checked against its image's
     (width, height); that size is read from the image file's header when not given."""
     if sample.mask_path is None:
-        return torch.zeros(1, size, size)
-    return load_mask(sample.mask_path, size, expected_size=full_size or image_size(sample.path))
+        return torch.zeros(1, *as_size(size))
+    return load_mask(sample.mask_path, size, expected_size=full_size or image_size(sample.path), resampling=resampling)
 
 
-def load_images(samples: Sequence[Sample], size: int, progress: bool = False) -> torch.Tensor:
-    """N x 3 x size x size: the samples' images, loaded once (for methods that reuse them every epoch)."""
+def fitted_size(samples: Sequence[Sample], short_side: int, multiple: int = 32) -> Size:
+    """(height, width) with the samples' median aspect ratio: the short side at short_side, the
+    long side rounded to a multiple of `multiple`. Read from the files' headers, no decoding."""
+    if not samples:
+        raise DataError("No images to take the input size from.")
+    sizes = [image_size(s.path) for s in samples]
+    ratio = float(np.median([max(w, h) / min(w, h) for w, h in sizes]))
+    long_side = max(short_side, multiple * round(short_side * ratio / multiple))
+    landscape = sum(w > h for w, h in sizes) * 2 > len(sizes)
+    return (short_side, long_side) if landscape else (long_side, short_side)
+
+
+def load_images(samples: Sequence[Sample], size: int | Sequence[int], progress: bool = False) -> torch.Tensor:
+    """N x 3 x H x W: the samples' images, loaded once (for methods that reuse them every epoch)."""
     return torch.stack([load_image(s.path, size) for s in tqdm(samples, desc="load images", disable=not progress, leave=False)])
 
 

@@ -8,6 +8,7 @@ plain [0, 1] pixel space.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -59,20 +60,52 @@ def read_image(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
 
 
-def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """3 x size x size float tensor in [0, 1] (antialiased bilinear resize)."""
+Size = tuple[int, int]  # (height, width) in pixels
+MASK_RESAMPLING = ("cover", "nearest")
+
+
+def as_size(size: int | Sequence[int]) -> Size:
+    """(height, width) from a side length or a (height, width) pair."""
+    if isinstance(size, int):
+        return (size, size)
+    height, width = (int(v) for v in size)
+    return (height, width)
+
+
+def load_image(path: str | Path, size: int | Sequence[int]) -> torch.Tensor:
+    """3 x H x W float tensor in [0, 1] at size (height, width; antialiased bilinear resize)."""
     return resize_image(read_image(path), size)
 
 
-def resize_image(tensor: torch.Tensor, size: int) -> torch.Tensor:
-    if tensor.shape[-2:] == (size, size):
+def resize_image(tensor: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
+    size = as_size(size)
+    if tuple(tensor.shape[-2:]) == size:
         return tensor.contiguous()
-    resized = F.interpolate(tensor[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    resized = F.interpolate(tensor[None], size=size, mode="bilinear", antialias=True, align_corners=False)
     return resized[0].clamp_(0.0, 1.0)
 
 
-def load_mask(path: str | Path, size: int, expected_size: tuple[int, int] | None = None) -> torch.Tensor:
-    """1 x size x size float tensor of 0/1. Nearest-neighbour resize keeps it binary.
+def resize_mask(binary: torch.Tensor, size: int | Sequence[int], resampling: str = "cover") -> torch.Tensor:
+    """H x W 0/1 mask -> 1 x height x width 0/1 mask.
+
+    "cover" marks every output pixel whose footprint touches a defect pixel (adaptive max
+    pooling): no defect region vanishes, and a connected region stays connected, because
+    neighbouring input pixels fall into the same or neighbouring output pixels. A hairline crack
+    one pixel wide survives any downscaling; thin defects come out slightly wider.
+    "nearest" is the papers' protocol (nearest-neighbour resize): thin defects can break up or vanish.
+    """
+    size = as_size(size)
+    if resampling == "cover":
+        return F.adaptive_max_pool2d(binary[None, None].float(), size)[0]
+    if resampling == "nearest":
+        return F.interpolate(binary[None, None].float(), size=size, mode="nearest")[0]
+    raise ValueError(f"Unknown mask resampling {resampling!r}: choose one of {MASK_RESAMPLING}")
+
+
+def load_mask(
+    path: str | Path, size: int | Sequence[int], expected_size: tuple[int, int] | None = None, resampling: str = "cover"
+) -> torch.Tensor:
+    """1 x height x width float tensor of 0/1 (see resize_mask for the resampling).
 
     expected_size is the (width, height) of the image the mask belongs to; a mismatch is an error
     because a mask of another size usually belongs to another image or another resolution.
@@ -85,5 +118,4 @@ def load_mask(path: str | Path, size: int, expected_size: tuple[int, int] | None
             f"{expected_size[0]}x{expected_size[1]}. Masks must have the size of their image."
         )
     array = np.asarray(image.convert("L") if image.mode not in _SIXTEEN_BIT_MODES | {"F"} else image)
-    binary = torch.from_numpy((array > 0).astype(np.float32))[None, None]
-    return F.interpolate(binary, size=(size, size), mode="nearest")[0]
+    return resize_mask(torch.from_numpy(array > 0), size, resampling)

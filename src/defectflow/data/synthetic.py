@@ -23,7 +23,7 @@ import torchvision.transforms.v2.functional as TF
 
 from ..files import save_png
 from .folder import Sample, list_images
-from .images import IMAGE_EXTENSIONS, load_image
+from .images import IMAGE_EXTENSIONS, Size, as_size, load_image
 
 
 def _uniform(generator: torch.Generator, low: float = 0.0, high: float = 1.0) -> float:
@@ -61,23 +61,34 @@ def perlin_noise(height: int, width: int, res_y: int, res_x: int, generator: tor
     return math.sqrt(2) * (top * (1 - wy) + bottom * wy)
 
 
-def perlin_mask(size: int, generator: torch.Generator, max_scale_exp: int = 6, threshold: float = 0.5) -> torch.Tensor:
-    """size x size binary mask: Perlin noise at scale 2^a x 2^b (a, b in 0..6), rotated, thresholded."""
-    side = 1 << max(size - 1, 1).bit_length()  # noise on a power-of-two grid, then cropped
-    res_y, res_x = (1 << _randint(generator, 0, max_scale_exp) for _ in range(2))
-    noise = perlin_noise(side, side, min(res_y, side), min(res_x, side), generator)
+def _noise_grid(size: Size) -> tuple[int, int, int]:
+    """(cell, rows, columns): noise is made on rows x columns squares of a power-of-two side
+    `cell` that covers the short side, then cropped; a long image gets more squares, not larger
+    blobs, so defects have the same scale relative to the short side whatever the aspect ratio."""
+    cell = 1 << max(min(size) - 1, 1).bit_length()
+    return cell, -(-size[0] // cell), -(-size[1] // cell)
+
+
+def perlin_mask(size: int | Sequence[int], generator: torch.Generator, max_scale_exp: int = 6, threshold: float = 0.5) -> torch.Tensor:
+    """height x width binary mask: Perlin noise at scale 2^a x 2^b (a, b in 0..6) per square of
+    the short side, rotated, thresholded."""
+    height, width = size = as_size(size)
+    cell, rows, columns = _noise_grid(size)
+    res_y, res_x = (min(1 << _randint(generator, 0, max_scale_exp), cell) for _ in range(2))
+    noise = perlin_noise(rows * cell, columns * cell, rows * res_y, columns * res_x, generator)
     angle = _uniform(generator, -90.0, 90.0)
     noise = TF.rotate(noise[None], angle, interpolation=TF.InterpolationMode.BILINEAR)[0]
-    return (noise[:size, :size] > threshold).float()
+    return (noise[:height, :width] > threshold).float()
 
 
-def generated_texture(size: int, generator: torch.Generator) -> torch.Tensor:
-    """3 x size x size texture made from scratch: two random colours mixed by Perlin noise, plus grain."""
-    side = 1 << max(size - 1, 1).bit_length()
+def generated_texture(size: int | Sequence[int], generator: torch.Generator) -> torch.Tensor:
+    """3 x height x width texture made from scratch: two random colours mixed by Perlin noise, plus grain."""
+    height, width = size = as_size(size)
+    cell, rows, columns = _noise_grid(size)
     res = 1 << _randint(generator, 1, 5)
-    mix = perlin_noise(side, side, res, res, generator)[:size, :size].add(1).div(2).clamp(0, 1)
+    mix = perlin_noise(rows * cell, columns * cell, rows * res, columns * res, generator)[:height, :width].add(1).div(2).clamp(0, 1)
     colours = torch.rand(2, 3, 1, 1, generator=generator)
-    grain = 0.1 * torch.randn(3, size, size, generator=generator)
+    grain = 0.1 * torch.randn(3, height, width, generator=generator)
     return (colours[0] * mix + colours[1] * (1 - mix) + grain).clamp(0, 1)
 
 
@@ -100,7 +111,7 @@ def augment_source(texture: torch.Tensor, generator: torch.Generator) -> torch.T
 
 
 def foreground_mask(image: torch.Tensor, threshold: float = 0.12) -> torch.Tensor:
-    """size x size 0/1 mask of the object: pixels that differ from the border's median colour.
+    """height x width 0/1 mask of the object: pixels that differ from the border's median colour.
 
     For object categories (a part on a plain background) this keeps defects on the part.
     """
@@ -115,8 +126,8 @@ class TextureSource:
     """Where defect fillings come from: texture files (e.g. DTD) if given, else other normal
     images of the category (already loaded, N x 3 x S x S) and textures generated here, half and half."""
 
-    def __init__(self, size: int, texture_dir: str | Path | None = None, normal_images: torch.Tensor | None = None) -> None:
-        self.size = size
+    def __init__(self, size: int | Sequence[int], texture_dir: str | Path | None = None, normal_images: torch.Tensor | None = None) -> None:
+        self.size = as_size(size)
         self.files = list_images_recursive(Path(texture_dir)) if texture_dir is not None else []
         self.normal_images = normal_images
 
@@ -125,7 +136,7 @@ class TextureSource:
             return load_image(self.files[_randint(generator, 0, len(self.files) - 1)], self.size)
         if self.normal_images is not None and len(self.normal_images) and _uniform(generator) < 0.5:
             image = self.normal_images[_randint(generator, 0, len(self.normal_images) - 1)]
-            shift = (_randint(generator, 0, self.size), _randint(generator, 0, self.size))
+            shift = (_randint(generator, 0, self.size[0]), _randint(generator, 0, self.size[1]))
             return torch.roll(image, shifts=shift, dims=(1, 2))
         return generated_texture(self.size, generator)
 
@@ -140,9 +151,9 @@ def list_images_recursive(folder: Path) -> list[Path]:
 
 @dataclass
 class SyntheticSample:
-    image: torch.Tensor  # 3 x S x S in [0, 1]
-    mask: torch.Tensor  # 1 x S x S binary: where the defect is
-    target: torch.Tensor  # 1 x S x S soft target: mask * (1 - beta)
+    image: torch.Tensor  # 3 x H x W in [0, 1]
+    mask: torch.Tensor  # 1 x H x W binary: where the defect is
+    target: torch.Tensor  # 1 x H x W soft target: mask * (1 - beta)
 
 
 class DefectSynthesizer:
@@ -164,9 +175,9 @@ class DefectSynthesizer:
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator, force: bool | None = None) -> SyntheticSample:
         """force=True always adds a defect, False never, None draws with defect_probability."""
-        size = image.shape[-1]
+        size = tuple(image.shape[-2:])
         add = _uniform(generator) < self.defect_probability if force is None else force
-        empty = torch.zeros(1, size, size)
+        empty = torch.zeros(1, *size)
         if not add:
             return SyntheticSample(image, empty, empty)
         region = foreground_mask(image) if self.use_foreground else None
@@ -197,8 +208,8 @@ def sample_generator(seed: int, *keys: int) -> torch.Generator:
 class ValidationSet:
     """Synthetic validation images: the first half clean, the second half with a defect."""
 
-    images: torch.Tensor  # V x 3 x S x S
-    masks: torch.Tensor  # V x S x S, 0/1
+    images: torch.Tensor  # V x 3 x H x W
+    masks: torch.Tensor  # V x H x W, 0/1
     labels: np.ndarray
     sources: list[Sample]
 

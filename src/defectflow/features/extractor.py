@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import WeightsError
+from .tiling import stitched_features
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,10 +74,13 @@ class FeatureExtractor(nn.Module):
         levels: Sequence[int],
         pretrained: bool = True,
         weights: str | Path | None = None,
+        tile: int | None = None,
+        overlap: int = 64,
     ) -> None:
         super().__init__()
         self.name = name
         self.levels = tuple(int(level) for level in levels)
+        self.tile, self.overlap = tile, overlap  # see features/tiling.py
         if name in _TORCHVISION_NODES:
             self.body, mean, std = self._build_torchvision(name, pretrained, weights)
         else:
@@ -143,5 +147,10 @@ class FeatureExtractor(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if self.tile is not None and max(images.shape[-2:]) > self.tile:
+            return stitched_features(self._untiled, images, self.tile, self.overlap)
+        return self._untiled(images)
+
+    def _untiled(self, images: torch.Tensor) -> list[torch.Tensor]:
         features = self.body((images - self.mean) / self.std)
         return list(features.values()) if isinstance(features, dict) else list(features)

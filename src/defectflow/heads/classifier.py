@@ -39,14 +39,14 @@ class SegmentationDecoder(nn.Module):
         self.mix = nn.ModuleList(_block(widths[i] + widths[i + 1], widths[i]) for i in range(len(channels) - 1))
         self.head = nn.Sequential(nn.Conv2d(widths[0], 16, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(16, 1, 1))
 
-    def forward(self, features: Sequence[torch.Tensor], size: int) -> torch.Tensor:
-        """B x 1 x size x size logits."""
+    def forward(self, features: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """B x 1 x height x width logits (size = (height, width))."""
         x = self.bottom(features[-1])
         for level in range(len(features) - 2, -1, -1):
             skip = self.lateral[level](features[level])
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = self.mix[level](torch.cat([skip, x], dim=1))
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
         return self.head(x)
 
 

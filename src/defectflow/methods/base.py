@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..checkpoint import save_checkpoint
-from ..data.folder import AnomalyFolder, ImageDataset, Sample, load_images, load_sample_mask, samples_from_paths
+from ..data.folder import AnomalyFolder, ImageDataset, Sample, fitted_size, load_images, load_sample_mask, samples_from_paths
+from ..data.images import MASK_RESAMPLING, Size
 from ..data.synthetic import DefectSynthesizer, TextureSource, ValidationSet, build_validation_set
 from ..errors import CheckpointError, ConfigError
 from ..features.extractor import FeatureExtractor
@@ -39,7 +40,20 @@ class DetectorConfig:
 
     backbone: str = option("tf_efficientnet_lite0", "timm model name, or torchvision resnet18 / wide_resnet50_2 / alexnet")
     levels: tuple[int, ...] = option((2, 3, 4), "feature levels of the backbone (ResNets: 2 3 4 = layer2-layer4)")
-    input_size: int = option(256, "images are resized to input_size x input_size (multiple of 32)")
+    input_size: tuple[int, ...] = option(
+        (256,),
+        "image size in pixels, multiples of 32: one value is the short side, the long side following the training "
+        "images' median aspect ratio (fixed at fit); two values are height and width",
+    )
+    tile_size: int | None = option(
+        None, "run the extractor on overlapping tiles of this size (multiple of 32) and stitch their features: "
+        "bounded memory for large input sizes (None: whole images)",
+    )
+    tile_overlap: int = option(64, "overlap of neighbouring tiles in pixels (multiple of 32)")
+    mask_resampling: str = option(
+        "cover", "how ground-truth masks are resized to the map for pixel metrics: cover (every defect region kept "
+        "whole, thin ones widened) or nearest (the papers' protocol: thin defects can break up or vanish)",
+    )
     pretrained: bool = option(True, "start from ImageNet weights (off only for tests: random weights detect nothing)")
     weights: str | None = option(None, "local .safetensors/.pth backbone weights instead of the library's cache")
     val_fraction: float = option(0.1, "share of training images held out as a synthetic validation set (thresholds, model choice; 0: none)")
@@ -55,8 +69,19 @@ class DetectorConfig:
     num_workers: int = option(0, "data-loading worker processes")
 
     def validate(self) -> None:
-        if self.input_size < 32 or self.input_size % 32:
-            raise ConfigError(f"input_size must be a multiple of 32 and at least 32, got {self.input_size}")
+        if isinstance(self.input_size, int):
+            self.input_size = (self.input_size,)
+        self.input_size = tuple(self.input_size)
+        if len(self.input_size) not in (1, 2) or any(not isinstance(v, int) or v < 32 or v % 32 for v in self.input_size):
+            raise ConfigError(
+                f"input_size must be one (short side) or two (height width) multiples of 32, each at least 32, got {self.input_size}"
+            )
+        if self.tile_size is not None and (self.tile_size < 64 or self.tile_size % 32):
+            raise ConfigError(f"tile_size must be a multiple of 32 and at least 64, got {self.tile_size}")
+        if self.tile_overlap < 0 or self.tile_overlap % 32 or (self.tile_size is not None and self.tile_overlap >= self.tile_size):
+            raise ConfigError(f"tile_overlap must be a multiple of 32, at least 0 and below tile_size, got {self.tile_overlap}")
+        if self.mask_resampling not in MASK_RESAMPLING:
+            raise ConfigError(f"mask_resampling must be one of {MASK_RESAMPLING}, got {self.mask_resampling!r}")
         if self.image_score not in IMAGE_REDUCTIONS:
             raise ConfigError(f"image_score must be one of {IMAGE_REDUCTIONS}, got {self.image_score!r}")
         if self.batch_size < 1:
@@ -83,12 +108,14 @@ class DetectorConfig:
         for f in dataclasses.fields(cls):  # JSON has lists where the config has tuples
             if f.name in values and isinstance(values[f.name], list):
                 values[f.name] = tuple(values[f.name])
+        if isinstance(values.get("input_size"), int):  # checkpoints before non-square sizes: square images
+            values["input_size"] = (values["input_size"],) * 2
         return cls(**values)
 
 
 @dataclass
 class Prediction:
-    """Scores and maps for a list of images. maps are input_size x input_size, calibrated so
+    """Scores and maps for a list of images. maps are height x width (input_size), calibrated so
     that 0 is typical of normal training pixels and 1 the most anomalous one seen there."""
 
     paths: list[Path]
@@ -186,11 +213,19 @@ class Detector:
         weights it is only a shape for a checkpoint's weights to load into."""
         c = self.config
         return FeatureExtractor(c.backbone, tuple(levels or c.levels), pretrained=pretrained,
-                                weights=c.weights if pretrained else None)
+                                weights=c.weights if pretrained else None, tile=c.tile_size, overlap=c.tile_overlap)
+
+    @property
+    def image_size(self) -> Size:
+        """(height, width) the model sees; with one input_size value it is fixed by fit from the training images."""
+        size = self.config.input_size
+        if len(size) != 2:
+            raise ConfigError(f"input_size {size} gives the short side only; fit() fixes the long side from the training images.")
+        return size
 
     def loader(self, samples: Sequence[Sample], shuffle: bool = False) -> DataLoader:
         return DataLoader(
-            ImageDataset(samples, self.config.input_size),
+            ImageDataset(samples, self.image_size, self.config.mask_resampling),
             batch_size=self.config.batch_size,
             shuffle=shuffle,
             num_workers=self.config.num_workers,
@@ -208,6 +243,8 @@ class Detector:
         if isinstance(data, (str, Path)):
             data = AnomalyFolder.scan(data, require_test=False)
         train = _samples(data, "train")
+        if len(c.input_size) == 1:
+            self.config = c = dataclasses.replace(c, input_size=fitted_size(train, c.input_size[0]))
         self.trained_on = {"category": data.name, "root": str(data.root)} if isinstance(data, AnomalyFolder) else None
         held_out, kept = hold_out(train, c.val_fraction, c.seed)
         self.validation = self._validation_set(held_out, progress) if held_out else None
@@ -220,8 +257,8 @@ class Detector:
     def _validation_set(self, samples: list[Sample], progress: bool) -> ValidationSet:
         """Half the held-out images clean, half with a synthetic defect (deterministic per seed)."""
         c = self.config
-        images = load_images(samples, c.input_size, progress)
-        synthesizer = DefectSynthesizer(TextureSource(c.input_size, c.texture_dir, normal_images=images), use_foreground=c.foreground)
+        images = load_images(samples, self.image_size, progress)
+        synthesizer = DefectSynthesizer(TextureSource(self.image_size, c.texture_dir, normal_images=images), use_foreground=c.foreground)
         return build_validation_set(samples, images, synthesizer, c.seed)
 
     def _choose_thresholds(self) -> Thresholds:
@@ -244,7 +281,7 @@ class Detector:
         return self._predict_batches(batches, [s.path for s in samples])
 
     def predict_images(self, images: torch.Tensor) -> Prediction:
-        """Prediction for a N x 3 x S x S tensor of images in [0, 1] (paths are left empty)."""
+        """Prediction for a N x 3 x H x W tensor of images in [0, 1] (paths are left empty)."""
         return self._predict_batches(images.split(self.config.batch_size), [])
 
     def forward_batch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -282,7 +319,9 @@ class Detector:
         labels = np.array([s.label for s in folder.test])
         masks = None
         if folder.has_masks:
-            masks = np.stack([load_sample_mask(s, self.config.input_size)[0].numpy() > 0 for s in folder.test])
+            masks = np.stack([
+                load_sample_mask(s, self.image_size, resampling=self.config.mask_resampling)[0].numpy() > 0 for s in folder.test
+            ])
         metrics = compute_metrics(labels, prediction.scores, masks, prediction.maps)
         head_metrics = {
             name: compute_metrics(labels, image_scores(torch.from_numpy(maps), self.config.image_score).numpy(), masks, maps)

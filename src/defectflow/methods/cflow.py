@@ -71,10 +71,10 @@ class FlowScorer(nn.Module):
     exactly as the trained one did.
     """
 
-    def __init__(self, flows: ConditionalFlows, input_size: int, sigma: float) -> None:
+    def __init__(self, flows: ConditionalFlows, input_size: tuple[int, int], sigma: float) -> None:
         super().__init__()
         self.flows = flows
-        self.input_size = input_size
+        self.input_size = tuple(input_size)
         self.sigma = sigma
         self.register_buffer("level_reference", torch.zeros(len(flows.flows)))
         self.register_buffer("map_low", torch.tensor(0.0))

@@ -70,7 +70,7 @@ class ClsCNFModel(nn.Module):
         scorer: FlowScorer,
         flow_index: Sequence[int],
         decoder_index: Sequence[int],
-        input_size: int,
+        input_size: tuple[int, int],
         flow_extractor: FeatureExtractor | None = None,
     ) -> None:
         super().__init__()
@@ -80,7 +80,7 @@ class ClsCNFModel(nn.Module):
         self.flow_extractor = flow_extractor
         self.flow_index = tuple(flow_index)
         self.decoder_index = tuple(decoder_index)
-        self.input_size = input_size
+        self.input_size = tuple(input_size)
         self.register_buffer("fusion_weight", torch.tensor(1.0))
 
     def classifier_logits(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -141,8 +141,8 @@ class ClsCNFDetector(Detector):
         model = self.build_model(pretrained=True).to(self.device)
         self.model = model
         start = time.perf_counter()
-        images = load_images(train, c.input_size, progress)
-        source = TextureSource(c.input_size, c.texture_dir, normal_images=images)
+        images = load_images(train, self.image_size, progress)
+        source = TextureSource(self.image_size, c.texture_dir, normal_images=images)
         synthesizer = DefectSynthesizer(source, c.defect_probability, use_foreground=c.foreground)
         self.fit_seconds["prepare"] = time.perf_counter() - start
 

@@ -76,7 +76,6 @@ class DifferNetModel(nn.Module):
         super().__init__()
         self.extractor = extractor
         self.flow = flow
-        self.input_size = config.input_size
         self.scales = tuple(config.scales)
         self.test_rotations = config.test_rotations
         self.sigma = config.smoothing_sigma
@@ -87,8 +86,8 @@ class DifferNetModel(nn.Module):
         """B x D: last-level features at each scale, average-pooled and concatenated."""
         vectors = []
         for scale in self.scales:
-            size = max(32, int(round(self.input_size * scale)))
-            scaled = images if size == images.shape[-1] else F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+            size = tuple(max(32, int(round(side * scale))) for side in images.shape[-2:])
+            scaled = images if size == tuple(images.shape[-2:]) else F.interpolate(images, size=size, mode="bilinear", antialias=True)
             vectors.append(self.extractor(scaled)[-1].mean(dim=(2, 3)))
         return torch.cat(vectors, dim=1)
 
@@ -163,7 +162,7 @@ class DifferNetDetector(Detector):
             raise ConfigError("select=validation needs a validation set: set val_fraction above 0 (and train on at least 4 images).")
         validation = None
         start = time.perf_counter()
-        images = load_images(train, c.input_size, progress)
+        images = load_images(train, self.image_size, progress)
         count = len(images) * c.augment_copies
         angles = (torch.rand(count, generator=generator) * 360).tolist()
         flips = (torch.rand(count, generator=generator) < 0.5).tolist() if c.flips else [False] * count
@@ -172,7 +171,7 @@ class DifferNetDetector(Detector):
             validation = self._rotation_vectors(self.validation.images, progress, "validation vectors")
         test = None
         if self._log_folder is not None:
-            test_images = load_images(self._log_folder.test, c.input_size, progress)
+            test_images = load_images(self._log_folder.test, self.image_size, progress)
             test = (self._rotation_vectors(test_images, progress, "test vectors"),
                     np.array([s.label for s in self._log_folder.test]))
         self.fit_seconds["extract"] = time.perf_counter() - start

@@ -1,0 +1,87 @@
+"""Benchmark: every method's defaults across products, beside the previous defaults, in one run.
+
+    HF_HOME=../shared/hf-home HF_HUB_OFFLINE=1 python benchmarks/cross_product.py \
+        --datasets bottle kolektorsdd elpv --methods cflow clscnf differnet
+
+Data sets: MVTec AD bottle (square, centred object, large defects), KolektorSDD (500 x ~1260
+grayscale commutators, hairline cracks) from ../shared/data, and the built-in elpv task (mono
+solar cells, image labels only). For each data set and method it trains with the tool's defaults
+("now") and with the previous defaults ("before": square 256 x 256 input, nearest-neighbour mask
+resizing, the old image score), and prints the four metrics, how many defective parts pass as OK
+and how many good parts are flagged at the operating threshold, training seconds and ms/image.
+Options after `--` go to every "now" run (e.g. `-- image_score=max`) to compare one change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import time
+from pathlib import Path
+
+import defectflow
+from defectflow.data.elpv import prepare_elpv
+from defectflow.data.folder import AnomalyFolder
+from defectflow.report import format_table
+from defectflow.workflow import decision_counts
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATASETS = {"bottle": lambda: SHARED / "mvtec" / "bottle", "kolektorsdd": lambda: SHARED / "kolektorsdd", "elpv": prepare_elpv}
+PREVIOUS = {"input_size": (256, 256), "mask_resampling": "nearest", "image_score": "max"}
+PREVIOUS_PER_METHOD = {"clscnf": {"fusion": "tuned"}}
+
+
+def run_one(method: str, folder: AnomalyFolder, options: dict) -> tuple[dict, str]:
+    detector = defectflow.create(method, **options)
+    start = time.perf_counter()
+    detector.fit(folder, progress=False)
+    train_seconds = time.perf_counter() - start
+    evaluation = detector.evaluate(folder, progress=False)
+    counts = decision_counts(evaluation) or {}
+    row = {
+        "metrics": evaluation.metrics, "train_seconds": train_seconds, "ms_per_image": evaluation.ms_per_image,
+        "defective_passed": counts.get("FN"), "defective": int(evaluation.labels.sum()),
+        "false_alarms": counts.get("FP"), "good": int((evaluation.labels == 0).sum()),
+        "image_size": list(detector.image_size), "heads": evaluation.head_metrics,
+    }
+    return row, f"{detector.image_size[0]}x{detector.image_size[1]}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--methods", nargs="+", default=["cflow", "clscnf", "differnet"])
+    parser.add_argument("--only", choices=["now", "before"], help="run one of the two settings")
+    parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    parser.add_argument("options", nargs="*", help="NAME=VALUE options for the 'now' runs")
+    args = parser.parse_args()
+    extra = {k: ast.literal_eval(v) if v[:1] in "([0123456789-" else v for k, v in (o.split("=", 1) for o in args.options)}
+
+    results = {}
+    for dataset in args.datasets:
+        folder = AnomalyFolder.scan(DATASETS[dataset]())
+        rows, lines = [], []
+        for method in args.methods:
+            for setting in ("before", "now"):
+                if args.only and setting != args.only:
+                    continue
+                if setting == "now":
+                    options = dict(extra)
+                else:
+                    options = dict(PREVIOUS, **PREVIOUS_PER_METHOD.get(method, {}))
+                    options = {k: v for k, v in options.items() if k in {f for f in defectflow.create(method).config.to_json()}}
+                row, size = run_one(method, folder, options)
+                results[f"{dataset}/{method}/{setting}"] = row
+                label = f"{method} {setting} ({size})"
+                rows.append((label, row["metrics"], row["train_seconds"], row["ms_per_image"]))
+                lines.append(f"{label}: {row['defective_passed']} of {row['defective']} defective passed as OK, "
+                             f"{row['false_alarms']} of {row['good']} good flagged")
+                print(f"[{dataset}] {lines[-1]}; {row['train_seconds']:.0f} s", flush=True)
+        print(f"\n## {dataset}\n\n{format_table(rows, time_columns=True)}\n\n" + "\n".join(lines) + "\n", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
