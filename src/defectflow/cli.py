@@ -180,13 +180,14 @@ def cmd_predict(args: argparse.Namespace) -> None:
     names = [f"{i:05d}_{Path(p).stem}" for i, p in enumerate(prediction.paths)]
     write_predictions(out, prediction, names)
     verdicts = prediction.verdicts or [""] * len(prediction.paths)
-    for verdict, path, score in zip(verdicts, prediction.paths, prediction.scores):
-        print(f"{verdict:6s} {score:10.4f}  {path}")
+    for verdict, path, score, reason in zip(verdicts, prediction.paths, prediction.scores, prediction.frame_reasons):
+        note = f"  (frame unlike the training images: {reason})" if reason else ""
+        print(f"{verdict:7s} {score:10.4f}  {path}{note}")
     if prediction.thresholds is None:
         print("This checkpoint has no operating thresholds (trained with --val-fraction 0): scores only, no OK/DEFECT.")
     else:
         print(f"{verdicts.count('DEFECT')} of {len(verdicts)} images DEFECT at image threshold {prediction.thresholds.image:.4f} "
-              f"({prediction.thresholds.rule}); defect regions in {out / 'regions'}")
+              f"({prediction.thresholds.rule}), {verdicts.count('INVALID')} INVALID; defect regions in {out / 'regions'}")
     write_heatmaps(out / "heatmaps", prediction, detector.image_size, names)
     print(f"Scores and heatmaps written to {out}")
 

@@ -94,7 +94,7 @@ def write_heatmaps(out_dir: str | Path, prediction, input_size: tuple[int, int],
 
 
 def write_predictions(out_dir: str | Path, prediction, names: Sequence[str]) -> Path:
-    """scores.csv (path, score, decision) and, with thresholds, one defect-region mask per image
+    """scores.csv (path, score, decision, frame: the guard's failed checks) and, with thresholds, one defect-region mask per image
     at the image's own resolution (regions/<name>.png, white = defect)."""
     from PIL import Image
 
@@ -105,9 +105,9 @@ def write_predictions(out_dir: str | Path, prediction, names: Sequence[str]) -> 
     verdicts, regions = prediction.verdicts, prediction.regions
     with (out_dir / "scores.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "score", "decision"])
-        for index, (path, score) in enumerate(zip(prediction.paths, prediction.scores)):
-            writer.writerow([str(path), f"{score:.6f}", "" if verdicts is None else verdicts[index]])
+        writer.writerow(["path", "score", "decision", "frame"])
+        for index, (path, score, reason) in enumerate(zip(prediction.paths, prediction.scores, prediction.frame_reasons)):
+            writer.writerow([str(path), f"{score:.6f}", "" if verdicts is None else verdicts[index], reason])
     if regions is not None:
         (out_dir / "regions").mkdir(exist_ok=True)
         for path, name, region in zip(prediction.paths, names, regions):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Sequence
@@ -24,6 +25,7 @@ from ..data.images import MASK_RESAMPLING, Size
 from ..data.synthetic import DefectSynthesizer, TextureSource, ValidationSet, build_validation_set
 from ..errors import CheckpointError, ConfigError
 from ..features.extractor import FeatureExtractor
+from ..heads.guard import input_statistics, reasons
 from ..metrics import compute_metrics
 from ..scoring import IMAGE_REDUCTIONS, image_scores
 from ..thresholds import RULES, Thresholds, choose_thresholds
@@ -123,18 +125,34 @@ class Prediction:
     maps: np.ndarray
     head_maps: dict[str, np.ndarray] = field(default_factory=dict)
     thresholds: Thresholds | None = None
+    frame: np.ndarray | None = None  # N x len(CHECKS) deviations from the frame guard (heads/guard.py)
+
+    @property
+    def invalid(self) -> np.ndarray:
+        """Per image: True where the frame is not like the product's good training images at all
+        (blank, saturated, noise, another product...), whatever its anomaly score."""
+        return np.zeros(len(self.scores), bool) if self.frame is None else (self.frame > 1).any(axis=1)
+
+    @property
+    def frame_reasons(self) -> list[str]:
+        """Per image: the guard's checks it fails ("" when it passes)."""
+        return [""] * len(self.scores) if self.frame is None else reasons(self.frame)
 
     @property
     def defective(self) -> np.ndarray | None:
-        """DEFECT (True) / OK per image at the operating threshold; None without thresholds."""
+        """Not OK (True) / OK per image: at or above the image threshold, or an invalid frame;
+        None without thresholds."""
         # compared in float64: a Python float next to a float32 array would be rounded to float32
-        return None if self.thresholds is None else self.scores.astype(np.float64) >= self.thresholds.image
+        return None if self.thresholds is None else (self.scores.astype(np.float64) >= self.thresholds.image) | self.invalid
 
     @property
     def verdicts(self) -> list[str] | None:
-        """"DEFECT" or "OK" per image, as predict prints and writes them; None without thresholds."""
-        defective = self.defective
-        return None if defective is None else ["DEFECT" if d else "OK" for d in defective]
+        """"DEFECT", "INVALID" (an invalid frame scoring under the threshold) or "OK" per image, as
+        predict prints and writes them; None without thresholds."""
+        if self.thresholds is None:
+            return None
+        over = self.scores.astype(np.float64) >= self.thresholds.image
+        return ["DEFECT" if o else "INVALID" if i else "OK" for o, i in zip(over, self.invalid)]
 
     @property
     def regions(self) -> np.ndarray | None:
@@ -250,6 +268,7 @@ class Detector:
         self.validation = self._validation_set(held_out, progress) if held_out else None
         self.thresholds = None
         self._fit(kept, progress)
+        self._calibrate_guard(kept)
         if self.validation is not None:
             self.thresholds = self._choose_thresholds()
         return self
@@ -260,6 +279,28 @@ class Detector:
         images = load_images(samples, self.image_size, progress)
         synthesizer = DefectSynthesizer(TextureSource(self.image_size, c.texture_dir, normal_images=images), use_foreground=c.foreground)
         return build_validation_set(samples, images, synthesizer, c.seed)
+
+    @torch.no_grad()
+    def _guard_inputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input statistics and averaged deepest features of images, as the frame guard sees them."""
+        model = self._require_model().eval()
+        stats, pooled = [], []
+        for batch in images.split(self.config.batch_size):
+            batch = batch.to(self.device)
+            stats.append(input_statistics(batch).cpu())
+            pooled.append(model.extractor(batch)[-1].mean(dim=(2, 3)).cpu())
+        return torch.cat(stats), torch.cat(pooled)
+
+    def _calibrate_guard(self, train: list[Sample], count: int = 64) -> None:
+        """The frame guard's ranges from up to `count` training images spread over the set and
+        the clean held-out images of the validation set."""
+        picks = list(train)[:: max(1, len(train) // count)][:count]
+        stats, pooled = self._guard_inputs(load_images(picks, self.image_size))
+        held = torch.empty(0, 3, *self.image_size)
+        if self.validation is not None:
+            held = self.validation.images[torch.from_numpy(self.validation.labels == 0)]
+        held_stats, held_pooled = self._guard_inputs(held) if len(held) else (stats[:0], pooled[:0])
+        self.model.guard.calibrate(stats, pooled, held_stats, held_pooled)
 
     def _choose_thresholds(self) -> Thresholds:
         prediction = self.predict_images(self.validation.images)
@@ -292,14 +333,15 @@ class Detector:
 
     @torch.no_grad()
     def _predict_batches(self, batches: Iterable[torch.Tensor], paths: list[Path]) -> Prediction:
-        maps, scores, heads = [], [], {}
+        maps, scores, frames, heads = [], [], [], {}
         for images in batches:
             out = self.forward_batch(images)
             maps.append(out["map"].float().cpu())
             # a model may score images itself (DifferNet); otherwise the score comes from the map
             scores.append(out["score"].float().cpu() if "score" in out else image_scores(maps[-1], self.config.image_score))
+            frames.append(out["frame"].float().cpu())
             for name, value in out.items():
-                if name not in ("map", "score"):
+                if name not in ("map", "score", "frame"):
                     heads.setdefault(name, []).append(value.float().cpu())
         return Prediction(
             paths=paths,
@@ -307,6 +349,7 @@ class Detector:
             maps=torch.cat(maps).numpy(),
             head_maps={name: torch.cat(values).numpy() for name, values in heads.items()},
             thresholds=self.thresholds,
+            frame=torch.cat(frames).numpy(),
         )
 
     def evaluate(self, folder: AnomalyFolder | str | Path, progress: bool = True) -> Evaluation:
@@ -341,6 +384,10 @@ class Detector:
             config.device = device
         detector = cls(config)
         model = detector.build_model(pretrained=False)
+        if not any(name.startswith("guard.") for name in state):
+            warnings.warn("This checkpoint predates the frame guard: blank or foreign frames are not flagged "
+                          "as INVALID. Retrain the model to get the guard.", stacklevel=2)
+            state = {**{f"guard.{k}": v for k, v in model.guard.state_dict().items()}, **state}
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:

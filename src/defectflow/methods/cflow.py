@@ -20,6 +20,7 @@ from ..data.folder import Sample
 from ..errors import ConfigError
 from ..features.extractor import FeatureExtractor
 from ..heads.flows import ConditionalFlows
+from ..heads.guard import FrameGuard
 from ..scoring import flow_anomaly_map, normalise, smooth
 from .base import Detector, DetectorConfig, option
 
@@ -102,15 +103,17 @@ class FlowScorer(nn.Module):
 
 
 class FlowMapModel(nn.Module):
-    """Extractor + flow scorer: images -> {"map": calibrated anomaly map}."""
+    """Extractor + flow scorer: images -> {"map": calibrated anomaly map, "frame": guard deviations}."""
 
     def __init__(self, extractor: FeatureExtractor, scorer: FlowScorer) -> None:
         super().__init__()
         self.extractor = extractor
         self.scorer = scorer
+        self.guard = FrameGuard(extractor.channels[-1])
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"map": self.scorer(self.extractor(images))}
+        features = self.extractor(images)
+        return {"map": self.scorer(features), "frame": self.guard(images, features[-1])}
 
 
 @torch.no_grad()

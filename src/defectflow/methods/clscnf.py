@@ -26,6 +26,7 @@ from ..data.synthetic import DefectSynthesizer, TextureSource, sample_generator
 from ..errors import ConfigError
 from ..features.extractor import FeatureExtractor
 from ..heads.classifier import LOSSES, SegmentationDecoder, segmentation_loss
+from ..heads.guard import FrameGuard
 from ..metrics import compute_metrics
 from ..scoring import image_scores
 from .base import Detector, option
@@ -57,7 +58,7 @@ class ClsCNFConfig(CFlowConfig):
 
 
 class ClsCNFModel(nn.Module):
-    """images -> {"map": fused, "flow": calibrated flow map, "classifier": defect probability}.
+    """images -> {"map": fused, "flow": calibrated flow map, "classifier": defect probability, "frame": guard deviations}.
 
     One pass through the extractor feeds both heads when shared; otherwise the flows have an
     extractor of their own.
@@ -81,6 +82,7 @@ class ClsCNFModel(nn.Module):
         self.flow_index = tuple(flow_index)
         self.decoder_index = tuple(decoder_index)
         self.input_size = tuple(input_size)
+        self.guard = FrameGuard(extractor.channels[-1])
         self.register_buffer("fusion_weight", torch.tensor(1.0))
 
     def classifier_logits(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -95,7 +97,8 @@ class ClsCNFModel(nn.Module):
         features = self.extractor(images)
         classifier = torch.sigmoid(self.classifier_logits(features))[:, 0]
         flow = self.scorer(self.flow_features(images, features))
-        return {"map": flow + self.fusion_weight * classifier, "flow": flow, "classifier": classifier}
+        return {"map": flow + self.fusion_weight * classifier, "flow": flow, "classifier": classifier,
+                "frame": self.guard(images, features[-1])}
 
 
 def validation_score(labels: np.ndarray, masks: np.ndarray, maps: np.ndarray) -> float:

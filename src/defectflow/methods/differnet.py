@@ -30,6 +30,7 @@ from ..data.folder import AnomalyFolder, Sample, load_images
 from ..errors import ConfigError
 from ..features.extractor import FeatureExtractor
 from ..heads.flows import image_flow
+from ..heads.guard import FrameGuard
 from ..metrics import image_auroc
 from ..scoring import normalise, smooth
 from .base import Detector, DetectorConfig, option
@@ -70,7 +71,7 @@ def rotations(count: int) -> list[float]:
 
 
 class DifferNetModel(nn.Module):
-    """images -> {"score": mean squared latent norm over rotations, "map": NLL-gradient map}."""
+    """images -> {"score": mean squared latent norm over rotations, "map": NLL-gradient map, "frame": guard deviations}."""
 
     def __init__(self, extractor: FeatureExtractor, flow: nn.Module, config: DifferNetConfig) -> None:
         super().__init__()
@@ -79,6 +80,7 @@ class DifferNetModel(nn.Module):
         self.scales = tuple(config.scales)
         self.test_rotations = config.test_rotations
         self.sigma = config.smoothing_sigma
+        self.guard = FrameGuard(extractor.channels[-1])
         self.register_buffer("map_low", torch.tensor(0.0))
         self.register_buffer("map_high", torch.tensor(1.0))
 
@@ -113,7 +115,8 @@ class DifferNetModel(nn.Module):
         return smooth(grad.abs().sum(dim=1), self.sigma)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"score": self.score(images), "map": normalise(self.raw_map(images), self.map_low, self.map_high)}
+        return {"score": self.score(images), "map": normalise(self.raw_map(images), self.map_low, self.map_high),
+                "frame": self.guard(images, self.extractor(images)[-1])}
 
 
 class DifferNetDetector(Detector):
