@@ -206,12 +206,14 @@ def sample_generator(seed: int, *keys: int) -> torch.Generator:
 
 @dataclass
 class ValidationSet:
-    """Synthetic validation images: the first half clean, the second half with a defect."""
+    """Synthetic validation images: the first half clean, the second half with a defect; `clean`
+    holds every held-out image as it was, before any defect (all good parts)."""
 
     images: torch.Tensor  # V x 3 x H x W
     masks: torch.Tensor  # V x H x W, 0/1
     labels: np.ndarray
     sources: list[Sample]
+    clean: torch.Tensor  # V x 3 x H x W
 
     def save(self, root: str | Path) -> Path:
         """Write it in the MVTec layout (test/good, test/synthetic, ground_truth/synthetic)."""
@@ -233,4 +235,5 @@ def build_validation_set(samples: Sequence[Sample], images: torch.Tensor, synthe
         masks=torch.stack([m.mask[0] for m in made]),
         labels=np.array([int(i >= half) for i in range(len(samples))]),
         sources=list(samples),
+        clean=images,
     )

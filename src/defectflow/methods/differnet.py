@@ -210,8 +210,7 @@ class DifferNetDetector(Detector):
             model.flow.load_state_dict(best[1])
         # held-out good images when there are some: at training images the flow sits at its optimum
         # and their gradients are orders of magnitude smaller than on any unseen good image
-        held_out = None if self.validation is None else self.validation.images[torch.from_numpy(self.validation.labels == 0)]
-        self._calibrate_map(held_out if held_out is not None and len(held_out) else images[: min(len(images), 16)])
+        self._calibrate_map(images[: min(len(images), 16)] if self.validation is None else self.validation.clean)
         self.fit_seconds["flow"] = time.perf_counter() - start
 
     @torch.no_grad()
