@@ -40,21 +40,33 @@ def test_validation_set_comes_from_held_out_training_images(trained, small_bottl
     assert validation.labels.tolist() == [0, 0, 1, 1]
 
 
-def test_fusion_weight_is_the_best_on_validation(trained) -> None:
-    weight = trained.model.fusion_weight.item()
-    assert weight in FUSION_WEIGHTS
-    assert trained.fusion_scores[weight] == max(trained.fusion_scores.values())
+def test_tuned_fusion_weight_is_the_best_on_validation(trained) -> None:
+    trained.set_fusion("tuned")
+    try:
+        weight = trained.model.fusion_weight.item()
+        assert weight in FUSION_WEIGHTS
+        assert trained.fusion_scores[weight] == max(trained.fusion_scores.values())
+        assert trained.model.head_low.tolist() == [0, 0] and trained.model.head_high.tolist() == [1, 1]
+    finally:
+        trained.set_fusion("calibrated")
 
 
-def test_fused_map_is_flow_plus_weighted_classifier_from_one_extractor_pass(trained, small_bottle: AnomalyFolder) -> None:
+def test_fused_map_is_the_sum_of_calibrated_heads_from_one_extractor_pass(trained, small_bottle: AnomalyFolder) -> None:
     calls = []
     handle = trained.model.extractor.register_forward_hook(lambda *args: calls.append(1))
     prediction = trained.predict(list(small_bottle.test), progress=False)
     handle.remove()
     assert len(calls) == 1  # 6 images, batch 8: one pass feeds both heads
     flow, classifier = prediction.head_maps["flow"], prediction.head_maps["classifier"]
-    weight = trained.model.fusion_weight.item()
-    np.testing.assert_allclose(prediction.maps, flow + weight * classifier, rtol=1e-5, atol=1e-6)
+    assert trained.config.fusion == "calibrated" and trained.model.fusion_weight.item() == 1.0
+    # each head's scale: median 0 and maximum 1 on the held-out images before their synthetic defects
+    clean = trained.predict_images(trained.validation.clean)
+    low, high = trained.model.head_low.numpy(), trained.model.head_high.numpy()
+    for index, name in enumerate(("flow", "classifier")):
+        assert low[index] == pytest.approx(np.median(clean.head_maps[name]), rel=1e-5, abs=1e-6)
+        assert high[index] == pytest.approx(clean.head_maps[name].max(), rel=1e-5, abs=1e-6)
+    expected = (flow - low[0]) / (high[0] - low[0]) + (classifier - low[1]) / (high[1] - low[1])
+    np.testing.assert_allclose(prediction.maps, expected, rtol=1e-4, atol=1e-4)
     assert classifier.min() >= 0 and classifier.max() <= 1
     np.testing.assert_allclose(prediction.scores, prediction.maps.reshape(6, -1).max(1), rtol=1e-6)
 
@@ -70,7 +82,7 @@ def test_heads_find_real_defects(trained, small_bottle: AnomalyFolder) -> None:
 
 def test_save_load_whole_system(trained, small_bottle: AnomalyFolder, tmp_path: Path) -> None:
     loaded = defectflow.load(trained.save(tmp_path / "model"))
-    assert loaded.model.fusion_weight.item() == trained.model.fusion_weight.item()
+    assert loaded.model.fusion_weight.item() == trained.model.fusion_weight.item() and loaded.config.fusion == "calibrated"
     before = trained.predict(list(small_bottle.test), progress=False)
     after = loaded.predict(list(small_bottle.test), progress=False)
     np.testing.assert_allclose(after.maps, before.maps, rtol=1e-4, atol=1e-5)

@@ -171,6 +171,11 @@ class Evaluation:
     head_metrics: dict[str, dict[str, float | None]] = field(default_factory=dict)  # each head's map alone
 
 
+# Buffers added to the models after checkpoints of format 1 were first written; older checkpoints
+# lack them and load with their defaults (the guard uncalibrated, the heads' scales the identity).
+ADDED_LATER = ("guard.", "head_low", "head_high")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -387,10 +392,12 @@ class Detector:
             config.device = device
         detector = cls(config)
         model = detector.build_model(pretrained=False)
-        if not any(name.startswith("guard.") for name in state):
+        fresh = model.state_dict()
+        added = [name for name in fresh if name not in state and name.startswith(ADDED_LATER)]
+        if any(name.startswith("guard.") for name in added):
             warnings.warn("This checkpoint predates the frame guard: blank or foreign frames are not flagged "
                           "as INVALID. Retrain the model to get the guard.", stacklevel=2)
-            state = {**{f"guard.{k}": v for k, v in model.guard.state_dict().items()}, **state}
+        state = {**{name: fresh[name] for name in added}, **state}  # their defaults leave the model as it was
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
