@@ -165,6 +165,9 @@ def run_bench(
             evaluation, text, train_seconds = train_and_evaluate(
                 detector, folder, run_dir, progress, pictures=draw, html=False, keep_validation=False)
             log(text)
+            if evaluation.prediction.failed:
+                log(f"  {len(evaluation.prediction.failed)} test image(s) could not be read and were left out: "
+                    + "; ".join(evaluation.prediction.failed.values()))
             record.status, record.metrics = "ok", evaluation.metrics
             record.train_seconds, record.ms_per_image = train_seconds, evaluation.ms_per_image
         except Exception as exc:  # noqa: BLE001 - one failing run must not lose the others

@@ -136,8 +136,8 @@ def _report_failed(failed: dict[Path, str], where: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    detector = methods.create(args.method, **_config_overrides(args, args.method))  # options first: the data may be a download
     folder = _folder(args)
-    detector = methods.create(args.method, **_config_overrides(args, args.method))
     out = prepare_output(args.out, f"{args.method}-{folder.name}", args.overwrite)
     check_target(out / "model", overwrite=True)  # a folder named model that is not a checkpoint: refused before training
     evaluation, table, _ = train_and_evaluate(detector, folder, out, progress=not args.quiet)
@@ -147,9 +147,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    folder = _folder(args, require_test=False)
     detector = methods.create(args.method, **_config_overrides(args, args.method))
     check_target(args.out, args.overwrite)  # before training, not after it
+    folder = _folder(args, require_test=False)
     start = time.perf_counter()
     detector.fit(folder, progress=not args.quiet)
     path = detector.save(args.out, overwrite=args.overwrite)
@@ -171,12 +171,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{sum(r.status == 'ok' for r in records)} of {len(records)} checkpoints evaluated; summary in {out}")
         return 0 if all(r.status == "ok" for r in records) else 1
     detector = methods.load(args.checkpoint, device=args.device, backend=args.backend, onnx=args.onnx)
-    if args.data is None and args.dataset is None:
+    recorded = args.data is None and args.dataset is None
+    if recorded:
         if detector.trained_on is None:
             raise DefectflowError(f"{args.checkpoint} does not record the data it was trained on; give --data.")
         args.data = Path(detector.trained_on["root"])  # the category it was trained on
-        print(f"Evaluating on {args.data}, the data it was trained on (--data to choose other data)")
     folder = _folder(args)
+    print(f"Evaluating {args.checkpoint} on {folder.root}" + (" (the data it was trained on; --data for other data)" if recorded else ""))
     out = prepare_output(args.out, f"eval-{folder.name}", args.overwrite)
     evaluation = detector.evaluate(folder, progress=not args.quiet)
     pictures = args.pictures is not False

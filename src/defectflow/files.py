@@ -42,7 +42,7 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs) -> Iterator[IO]:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    with atomic_open(path, "w") as handle:
+    with atomic_open(path, "w", encoding="utf-8") as handle:
         handle.write(text)
 
 

@@ -112,7 +112,11 @@ def to_tensor(image: "np.ndarray | Image.Image | torch.Tensor", name: str) -> to
 
 def read_image(path: str | Path) -> torch.Tensor:
     """3 x H x W float tensor in [0, 1] at the file's own resolution."""
-    array = _to_float_rgb(_open(Path(path)))
+    image = _open(Path(path))
+    try:
+        array = _to_float_rgb(image)
+    except (ValueError, OSError, TypeError) as exc:  # a mode or palette PIL cannot turn into RGB
+        raise DataError(f"Cannot convert image {path} (mode {image.mode}) to RGB: {exc}. Save it as an 8-bit RGB or grey image.") from None
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
 
 
