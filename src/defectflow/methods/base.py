@@ -95,7 +95,8 @@ class DetectorConfig:
             raise CheckpointError(f"The checkpoint's config lacks the options {sorted(missing)}; the checkpoint is damaged.")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}  # JSON has lists where the config has tuples
         config = cls(**values)
-        try:  # the device is the loading machine's business (load(device=...)), checked when it is used
+        try:  # the device is the loading machine's business (load(device=...)): its value is checked when it is used
+            check_types(config)
             dataclasses.replace(config, device="cpu").validate()
         except ConfigError as exc:
             raise CheckpointError(f"The checkpoint's config is invalid: {exc}") from None
