@@ -51,9 +51,12 @@ def test_save_load_gives_the_same_scores(trained: defectflow.Detector, small_bot
 def test_checkpoint_of_another_shape_is_refused(trained: defectflow.Detector, tmp_path: Path) -> None:
     import json
 
+    from defectflow.checkpoint import config_digest
+
     path = trained.save(tmp_path / "model")
     meta = json.loads((path / "config.json").read_text())
     meta["config"]["coupling_blocks"] = 2  # weights no longer fit the config
+    meta["config_sha256"] = config_digest(meta)  # a consistent config.json, so the weights are what is checked
     (path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="do not fit"):
         defectflow.load(path)

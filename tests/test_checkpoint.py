@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -13,9 +15,47 @@ STATE = {"a": torch.arange(6.0).view(2, 3), "b.c": torch.ones(4)}
 def test_round_trip(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path / "ckpt", "cflow", {"lr": 0.1}, STATE)
     meta, state = read_checkpoint(path)
-    assert meta["method"] == "cflow" and meta["config"] == {"lr": 0.1} and meta["format_version"] == 1
+    assert meta["method"] == "cflow" and meta["config"] == {"lr": 0.1} and meta["format_version"] == 2
     assert torch.equal(state["a"], STATE["a"]) and torch.equal(state["b.c"], STATE["b.c"])
     assert sorted(p.name for p in path.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging folder left behind
+
+
+def test_permissions_follow_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "ckpt", "cflow", {}, STATE)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755  # tempfile.mkdtemp made it 0700
+    assert {stat.S_IMODE((path / name).stat().st_mode) for name in (CONFIG_FILE, WEIGHTS_FILE)} == {0o644}
+
+
+def test_edited_config_is_refused(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path / "ckpt", "cflow", {"lr": 0.1}, STATE)
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    meta["config"]["lr"] = 0.5
+    (path / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="changed after it was saved"):
+        read_checkpoint(path)
+
+
+def test_version_1_still_loads_and_its_layout_is_checked(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path / "ckpt", "cflow", {"lr": 0.1}, STATE)
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    del meta["config_sha256"]
+    meta["format_version"] = 1
+    (path / CONFIG_FILE).write_text(json.dumps(meta))
+    assert read_checkpoint(path)[0]["config"] == {"lr": 0.1}
+    for key, value, message in [("config", None, "config should be a JSON dict"), ("method", 3, "method should be a JSON str"),
+                                ("trained_on", {"root": 1}, "trained_on should name"), ("thresholds", [1], "thresholds should be")]:
+        broken = {**meta, key: value}
+        (path / CONFIG_FILE).write_text(json.dumps(broken))
+        with pytest.raises(CheckpointError, match=message):
+            read_checkpoint(path)
+    (path / CONFIG_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "weights_sha256"}))
+    with pytest.raises(CheckpointError, match="lacks weights_sha256"):
+        read_checkpoint(path)
 
 
 def test_never_overwrites_without_asking(tmp_path: Path) -> None:

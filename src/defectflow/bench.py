@@ -14,9 +14,7 @@ a failed one is started again from scratch. Run k trains with seed + k.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,10 +27,11 @@ from .checkpoint import CONFIG_FILE, FORMAT
 from .data.folder import AnomalyFolder
 from .data.named import DATASETS, category_root
 from .errors import ConfigError, DataError
+from .files import atomic_open, atomic_write_text
 from .htmlreport import table, write_html
 from .metrics import METRIC_NAMES, METRIC_TITLES
 from .report import NOT_AVAILABLE, markdown_table
-from .workflow import folder_section, report_evaluation
+from .workflow import folder_section, report_evaluation, train_and_evaluate
 
 RUN_FILE = "run.json"
 PICTURE_CHOICES = ("first", "all", "none")
@@ -50,6 +49,7 @@ class RunRecord:
     ms_per_image: float | None = None
     error: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    data_root: str | None = None  # the category folder it ran on, absolute: a resumed bench must use the same data
 
     @classmethod
     def read(cls, path: Path) -> "RunRecord | None":
@@ -60,9 +60,7 @@ class RunRecord:
 
     def write(self, path: Path) -> None:
         """Atomically: a run.json is either complete or absent."""
-        staging = path.with_name(path.name + ".tmp")
-        staging.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(staging, path)
+        atomic_write_text(path, json.dumps(asdict(self), indent=2))
 
 
 # -- which categories -----------------------------------------------------------------------------
@@ -71,11 +69,13 @@ def resolve_categories(dataset: str, root: str | Path, categories: Sequence[str]
     root = Path(root)
     if dataset != "folder" and dataset not in DATASETS:
         raise ConfigError(f"Unknown dataset {dataset!r}: choose one of folder, {', '.join(DATASETS)}.")
+    if not root.is_dir():  # not a category named "all" that is missing: the whole root is
+        raise DataError(f"--root {root} is not a folder; point --root at the folder that holds the categories.")
     every = list(categories) == ["all"]
     if dataset == "folder":
         if (root / "train").is_dir() and every:
             return [(root.name, root)]
-        names = sorted(p.name for p in root.iterdir() if (p / "train").is_dir()) if every and root.is_dir() else list(categories)
+        names = sorted(p.name for p in root.iterdir() if (p / "train").is_dir() and not p.name.startswith(".")) if every else list(categories)
         if not names:
             raise DataError(f"No category folders (with a train/ folder) in {root}.")
         return [(name, root / name if (root / name).is_dir() else DataError(f"Category folder not found: {root / name}")) for name in names]
@@ -120,6 +120,7 @@ def run_bench(
         raise ConfigError(f"Unknown or unused method(s) {unknown}: --methods takes {', '.join(methods.METHODS)}, "
                           "and --options may only name methods that run.")
     found = resolve_categories(dataset, root, categories)
+    data_roots = {name: str(path.absolute()) if isinstance(path, Path) else None for name, path in found}
     plan = [(m, name, path, k) for name, path in found for m in method_names for k in range(runs)]
     base_seed = {m: int(options.get(m, {}).get("seed", 0)) for m in method_names}
     configs = {m: {k: _config_json(m, options.get(m, {}), base_seed[m] + k) for k in range(runs)} for m in method_names}
@@ -134,6 +135,12 @@ def run_bench(
                     f"{out / method / name / f'run-{k}'} was made with other options; continue it with the same "
                     "options, or choose another --out."
                 )
+            if record.data_root != data_roots[name]:
+                made_on = record.data_root or "data this defectflow cannot tell (no data_root in its run.json)"
+                raise ConfigError(
+                    f"{out / method / name / f'run-{k}'} was made on {made_on}, not on {data_roots[name]}; continue it "
+                    "with the same --root, or choose another --out."
+                )
             finished[(method, name, k)] = record
     todo = [item for item in plan if (item[0], item[1], item[3]) not in finished]
     log(f"bench: {len(plan)} runs, {len(finished)} already finished, {len(todo)} to do; results in {out}")
@@ -146,7 +153,7 @@ def run_bench(
         run_dir.mkdir(parents=True)
         seed = base_seed[method] + k
         log(f"[{index}/{len(todo)}] {method} on {name}, run {k} (seed {seed})")
-        record = RunRecord(method, name, k, "failed", seed=seed, config=configs[method][k])
+        record = RunRecord(method, name, k, "failed", seed=seed, config=configs[method][k], data_root=data_roots[name])
         try:
             if name not in folders:
                 folders[name] = path if isinstance(path, Exception) else AnomalyFolder.scan(path)
@@ -154,19 +161,18 @@ def run_bench(
             if isinstance(folder, Exception):
                 raise folder
             detector = methods.create(method, **{**options.get(method, {}), "seed": seed})
-            start = time.perf_counter()
-            detector.fit(folder, progress=progress)
-            train_seconds = time.perf_counter() - start
-            evaluation = detector.evaluate(folder, progress=progress)
-            detector.save(run_dir / "model")
             draw = pictures == "all" or (pictures == "first" and k == 0)
-            text = report_evaluation(detector, evaluation, run_dir, pictures=draw, train_seconds=train_seconds, html=False)
+            evaluation, text, train_seconds = train_and_evaluate(
+                detector, folder, run_dir, progress, pictures=draw, html=False, keep_validation=False)
             log(text)
+            if evaluation.prediction.failed:
+                log(f"  {len(evaluation.prediction.failed)} test image(s) could not be read and were left out: "
+                    + "; ".join(evaluation.prediction.failed.values()))
             record.status, record.metrics = "ok", evaluation.metrics
             record.train_seconds, record.ms_per_image = train_seconds, evaluation.ms_per_image
         except Exception as exc:  # noqa: BLE001 - one failing run must not lose the others
             record.error = f"{type(exc).__name__}: {exc}"
-            (run_dir / "error.txt").write_text(traceback.format_exc())
+            atomic_write_text(run_dir / "error.txt", traceback.format_exc())
             log(f"  FAILED: {record.error} (details in {run_dir / 'error.txt'})")
         record.write(run_dir / RUN_FILE)
         finished[(method, name, k)] = record
@@ -176,7 +182,8 @@ def run_bench(
 
 
 # -- aggregation ------------------------------------------------------------------------------------
-def _mean_std(values: Sequence[float]) -> dict[str, float] | None:
+def _mean_std(values: Sequence[float | None]) -> dict[str, float] | None:
+    values = [v for v in values if v is not None]  # e.g. no training time for a checkpoint from `train`
     if not values:
         return None
     return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, "n": len(values)}
@@ -259,9 +266,9 @@ def write_summary(out: Path, records: Sequence[RunRecord], title: str) -> dict[s
     failed = failures(records)
     if failed:
         lines += ["## Failed runs", "", markdown_table(["Method", "Category", "Run", "Error"], failed), ""]
-    (out / "summary.md").write_text("\n".join(lines))
+    atomic_write_text(out / "summary.md", "\n".join(lines))
 
-    with (out / "summary.csv").open("w") as handle:
+    with atomic_open(out / "summary.csv", "w") as handle:
         columns = [f"{m}_{s}" for m in METRIC_NAMES for s in ("mean", "std")]
         handle.write(",".join(["method", "category", *columns, "train_seconds", "ms_per_image", "runs_ok", "runs_failed"]) + "\n")
         for method, rows in summary.items():
@@ -271,7 +278,7 @@ def write_summary(out: Path, records: Sequence[RunRecord], title: str) -> dict[s
                 times = ["" if row[k] is None else f"{row[k]['mean']:.3f}" for k in ("train_seconds", "ms_per_image")]
                 handle.write(",".join([method, category, *values, *times, str(row["runs_ok"]), str(row["runs_failed"])]) + "\n")
     data = {"summary": summary, "failures": [asdict(r) for r in records if r.status != "ok"], "runs": [asdict(r) for r in records]}
-    (out / "summary.json").write_text(json.dumps(data, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(data, indent=2))
 
     sections = [table(SUMMARY_HEADER, summary_rows(rows)).replace("<table>", f"<h2>{method}</h2><table>", 1) for method, rows in summary.items()]
     if failed:
@@ -290,6 +297,8 @@ def find_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     found = []
     for config in sorted(root.rglob(CONFIG_FILE)):
+        if any(part.startswith(".") for part in config.relative_to(root).parts):
+            continue  # a half-written checkpoint (hidden staging folder) or another hidden folder
         try:
             if json.loads(config.read_text()).get("format") == FORMAT:
                 found.append(config.parent)
@@ -332,7 +341,7 @@ def evaluate_saved(
                 folder_path = category_root(dataset, root, category) if dataset != "folder" else Path(root) / category
             else:
                 folder_path = Path(trained_on["root"])
-            log(f"[{index}/{len(found)}] {detector.method} on {category} from {path}")
+            log(f"[{index}/{len(found)}] {detector.method} from {path} on {folder_path}")
             evaluation = detector.evaluate(AnomalyFolder.scan(folder_path), progress=progress)
             run_dir.mkdir(parents=True, exist_ok=True)
             bench_record = RunRecord.read(path.parent / RUN_FILE)

@@ -8,6 +8,7 @@ import json
 import sys
 import time
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,15 +16,15 @@ import torch
 
 from . import methods
 from .bench import evaluate_saved, find_checkpoints, run_bench
-from .checkpoint import CONFIG_FILE
+from .checkpoint import CONFIG_FILE, check_target
 from .data import download as downloads
 from .data.elpv import prepare_elpv
 from .data.folder import AnomalyFolder, fitted_size, samples_from_paths
 from .data.images import load_image
 from .data.synthetic import DefectSynthesizer, TextureSource, sample_generator
 from .data.named import DATASETS, category_root
-from .errors import DefectflowError
-from .export import export_onnx
+from .errors import DefectflowError, DefectflowWarning
+from .export import ONNX_FILE, export_onnx
 from .report import save_synthetic_grid, write_heatmaps, write_predictions
 from .workflow import prepare_output, report_evaluation, train_and_evaluate
 
@@ -79,6 +80,13 @@ def _bench_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             raise DefectflowError(f"Cannot read --options {args.options}: {exc}") from None
         if not isinstance(per_method, dict) or not all(isinstance(v, dict) for v in per_method.values()):
             raise DefectflowError(f"--options {args.options} must be a JSON object of method -> {{option: value}}.")
+        for method, given in per_method.items():
+            if method not in methods.METHODS:
+                raise DefectflowError(f"--options {args.options} names the method {method!r}; methods are {', '.join(methods.METHODS)}.")
+            unknown = sorted(set(given) - _own_options(method))
+            if unknown:
+                raise DefectflowError(f"--options {args.options}: {', '.join(map(repr, unknown))} is not an option of {method} "
+                                      f"(see `defectflow run --method {method} --help`; options use underscores, e.g. meta_epochs).")
         per_method = {m: {k: tuple(v) if isinstance(v, list) else v for k, v in o.items()} for m, o in per_method.items()}
     given = _given_options(args)
     unused = sorted(name for name in given if not any(name in _own_options(m) for m in args.methods))
@@ -103,13 +111,14 @@ def _add_data_options(parser: argparse.ArgumentParser, default_elpv: bool = Fals
         )
 
 
-def _folder(args: argparse.Namespace) -> AnomalyFolder:
+def _folder(args: argparse.Namespace, require_test: bool = True) -> AnomalyFolder:
+    """The category the arguments name; training alone needs only train/good."""
     if args.data is not None:
-        return AnomalyFolder.scan(args.data)
+        return AnomalyFolder.scan(args.data, require_test=require_test)
     if args.dataset is not None:
         if args.root is None:
             raise DefectflowError("--dataset needs --root (and --category for mvtec/btad).")
-        return AnomalyFolder.scan(category_root(args.dataset, args.root, args.category))
+        return AnomalyFolder.scan(category_root(args.dataset, args.root, args.category), require_test=require_test)
     if getattr(args, "elpv", None):
         print(f"No data given: using the built-in elpv solar-cell task ({args.elpv} cells).")
         return AnomalyFolder.scan(prepare_elpv(cell_type=args.elpv))
@@ -117,19 +126,30 @@ def _folder(args: argparse.Namespace) -> AnomalyFolder:
 
 
 # -- commands ----------------------------------------------------------------------------------
-def cmd_run(args: argparse.Namespace) -> None:
+def _report_failed(failed: dict[Path, str], where: str) -> int:
+    """Print the images that could not be read; the exit status: 1 when there were some."""
+    for path, reason in failed.items():
+        print(f"FAILED {path}: {reason}", file=sys.stderr)
+    if failed:
+        print(f"defectflow: {len(failed)} image(s) could not be read and were left out (listed in {where}).", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    detector = methods.create(args.method, **_config_overrides(args, args.method))  # options first: the data may be a download
     folder = _folder(args)
-    detector = methods.create(args.method, **_config_overrides(args, args.method))
     out = prepare_output(args.out, f"{args.method}-{folder.name}", args.overwrite)
-    _, table = train_and_evaluate(detector, folder, out, progress=not args.quiet)
-    detector.save(out / "model")
+    check_target(out / "model", overwrite=True)  # a folder named model that is not a checkpoint: refused before training
+    evaluation, table, _ = train_and_evaluate(detector, folder, out, progress=not args.quiet)
     print(table)
     print(f"Results, pictures and the model are in {out}; open {out / 'report.html'} in a browser")
+    return _report_failed(evaluation.prediction.failed, out / "results.json")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    folder = _folder(args)
     detector = methods.create(args.method, **_config_overrides(args, args.method))
+    check_target(args.out, args.overwrite)  # before training, not after it
+    folder = _folder(args, require_test=False)
     start = time.perf_counter()
     detector.fit(folder, progress=not args.quiet)
     path = detector.save(args.out, overwrite=args.overwrite)
@@ -139,7 +159,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"Trained {args.method} on {folder.root} in {time.perf_counter() - start:.1f} s; saved to {path}")
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
+def cmd_eval(args: argparse.Namespace) -> int:
     if args.checkpoint.is_dir() and not (args.checkpoint / CONFIG_FILE).exists() and find_checkpoints(args.checkpoint):
         if args.data is not None:
             raise DefectflowError("--data names one category; for a folder of checkpoints use --dataset and --root, or neither.")
@@ -149,19 +169,24 @@ def cmd_eval(args: argparse.Namespace) -> None:
         records = evaluate_saved(args.checkpoint, out, args.dataset, args.root, bool(args.pictures), args.device, progress=not args.quiet)
         print((out / "summary.md").read_text())
         print(f"{sum(r.status == 'ok' for r in records)} of {len(records)} checkpoints evaluated; summary in {out}")
-        return
-    detector = methods.load(args.checkpoint, device=args.device, backend=args.backend)
-    if args.data is None and args.dataset is None and detector.trained_on is not None:
+        return 0 if all(r.status == "ok" for r in records) else 1
+    detector = methods.load(args.checkpoint, device=args.device, backend=args.backend, onnx=args.onnx)
+    recorded = args.data is None and args.dataset is None
+    if recorded:
+        if detector.trained_on is None:
+            raise DefectflowError(f"{args.checkpoint} does not record the data it was trained on; give --data.")
         args.data = Path(detector.trained_on["root"])  # the category it was trained on
     folder = _folder(args)
+    print(f"Evaluating {args.checkpoint} on {folder.root}" + (" (the data it was trained on; --data for other data)" if recorded else ""))
     out = prepare_output(args.out, f"eval-{folder.name}", args.overwrite)
     evaluation = detector.evaluate(folder, progress=not args.quiet)
     pictures = args.pictures is not False
     print(report_evaluation(detector, evaluation, out, pictures=pictures))
     print(f"Results written to {out}" + (f"; open {out / 'report.html'} in a browser" if pictures else ""))
+    return _report_failed(evaluation.prediction.failed, out / "results.json")
 
 
-def cmd_bench(args: argparse.Namespace) -> None:
+def cmd_bench(args: argparse.Namespace) -> int:
     records = run_bench(
         args.out, args.dataset, args.root, args.categories, args.methods, args.runs, _bench_options(args),
         pictures=args.pictures, progress=not args.quiet,
@@ -170,13 +195,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
     failed = [r for r in records if r.status != "ok"]
     print(f"{len(records) - len(failed)} of {len(records)} runs finished" + (f", {len(failed)} failed (see above)" if failed else "")
           + f"; tables and report.html in {args.out}")
+    return 1 if failed else 0
 
 
-def cmd_predict(args: argparse.Namespace) -> None:
-    detector = methods.load(args.checkpoint, device=args.device, backend=args.backend)
+def cmd_predict(args: argparse.Namespace) -> int:
+    detector = methods.load(args.checkpoint, device=args.device, backend=args.backend, onnx=args.onnx)
     samples = samples_from_paths(args.images)
-    prediction = detector.predict(samples, progress=not args.quiet)
     out = prepare_output(args.out, "predict", args.overwrite)
+    prediction = detector.predict(samples, progress=not args.quiet)
     names = [f"{i:05d}_{Path(p).stem}" for i, p in enumerate(prediction.paths)]
     write_predictions(out, prediction, names)
     verdicts = prediction.verdicts or [""] * len(prediction.paths)
@@ -184,22 +210,32 @@ def cmd_predict(args: argparse.Namespace) -> None:
         note = f"  (frame unlike the training images: {reason})" if reason else ""
         print(f"{verdict:7s} {score:10.4f}  {path}{note}")
     if prediction.thresholds is None:
-        print("This checkpoint has no operating thresholds (trained with --val-fraction 0): scores only, no OK/DEFECT.")
+        why = detector.threshold_note or "it was trained with --val-fraction 0 or on too few images to hold out a validation set"
+        print(f"This checkpoint has no operating thresholds: {why}. Scores only, no OK/DEFECT.")
     else:
         print(f"{verdicts.count('DEFECT')} of {len(verdicts)} images DEFECT at image threshold {prediction.thresholds.image:.4f} "
               f"({prediction.thresholds.rule}), {verdicts.count('INVALID')} INVALID; defect regions in {out / 'regions'}")
     write_heatmaps(out / "heatmaps", prediction, detector.image_size, names)
     print(f"Scores and heatmaps written to {out}")
+    return _report_failed(prediction.failed, out / "scores.csv")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     detector = methods.load(args.checkpoint, device="cpu")
     path = export_onnx(detector, args.checkpoint, args.out, overwrite=args.overwrite)
-    print(f"Exported {detector.method} to {path}; run it with `defectflow predict --backend onnx --checkpoint {args.checkpoint}`")
+    custom = "" if path == Path(args.checkpoint) / ONNX_FILE else f" --onnx {path}"
+    print(f"Exported {detector.method} to {path}; run it with "
+          f"`defectflow predict --backend onnx --checkpoint {args.checkpoint}{custom} IMAGES...`")
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
-    folder = _folder(args)
+    if args.count < 1:
+        raise DefectflowError(f"--count must be at least 1, got {args.count}")
+    if args.seed < 0:
+        raise DefectflowError(f"--seed must be at least 0, got {args.seed}")
+    if args.out.exists() and not args.overwrite:
+        raise DefectflowError(f"{args.out} already exists; choose another --out or pass --overwrite.")
+    folder = _folder(args, require_test=False)
     train = folder.train
     size = fitted_size(train, args.input_size)
     images = torch.stack([load_image(s.path, size) for s in train[: max(args.count, 8)]])
@@ -208,8 +244,6 @@ def cmd_synth(args: argparse.Namespace) -> None:
     samples = [
         synthesizer(images[i % len(images)], sample_generator(args.seed, i), force=True) for i in range(args.count)
     ]
-    if args.out.exists() and not args.overwrite:
-        raise DefectflowError(f"{args.out} already exists; choose another --out or pass --overwrite.")
     print(f"{args.count} synthetic defects written to {save_synthetic_grid(args.out, samples)}")
 
 
@@ -264,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="write per-image panels, curves and report.html (default: on for one checkpoint, off for a folder)")
     evaluate.add_argument("--device", help="override the checkpoint's device (cpu, cuda)")
     evaluate.add_argument("--backend", choices=methods.BACKENDS, default="torch", help="onnx: run the exported model.onnx")
+    evaluate.add_argument("--onnx", type=Path, help="with --backend onnx: an ONNX file exported with `export --out` (default: <checkpoint>/model.onnx)")
     _add_data_options(evaluate)
 
     predict = command("predict", cmd_predict, "score images or folders of images with a checkpoint")
@@ -274,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", help="override the checkpoint's device (cpu, cuda)")
     predict.add_argument("--backend", choices=methods.BACKENDS, default="torch",
                          help="onnx: run the checkpoint's exported model.onnx with onnxruntime (see `export`)")
+    predict.add_argument("--onnx", type=Path, help="with --backend onnx: an ONNX file exported with `export --out` (default: <checkpoint>/model.onnx)")
 
     export = command("export", cmd_export, "export a checkpoint's whole inference path to ONNX (cflow, clscnf)")
     export.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder from `train`")
@@ -298,14 +334,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """defectflow's own warnings on one line, without the source location."""
+    if issubclass(category, DefectflowWarning):
+        print(f"defectflow: warning: {message}", file=sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 done; 1 done, but some images or runs failed (listed); 2 an error (one line,
+    naming what to fix); 130 interrupted (Ctrl-C)."""
     args = build_parser().parse_args(argv)
     try:
-        args.handler(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.handler(args) or 0
     except DefectflowError as exc:
         print(f"defectflow: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    except OSError as exc:  # a file the command had to write or read: name it instead of a traceback
+        print(f"defectflow: error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("defectflow: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -19,3 +19,7 @@ class CheckpointError(DefectflowError):
 
 class ConfigError(DefectflowError):
     """An option has a value the method cannot use."""
+
+
+class DefectflowWarning(UserWarning):
+    """Something the user should know that does not stop the work (the CLI prints it on one line)."""

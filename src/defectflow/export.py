@@ -20,7 +20,7 @@ from torch import nn
 
 from .checkpoint import CONFIG_FILE
 from .errors import CheckpointError, ConfigError
-from .files import sha256_of
+from .files import atomic_write_text, sha256_of
 from .scoring import image_scores
 
 ONNX_FILE = "model.onnx"
@@ -69,7 +69,7 @@ def export_onnx(detector, checkpoint: str | Path, path: str | Path | None = None
         )
     meta = {"weights_sha256": json.loads((checkpoint / CONFIG_FILE).read_text())["weights_sha256"],
             "onnx_sha256": sha256_of(path), "outputs": outputs, "input_size": list(size)}
-    (path.parent / (path.name + ".json")).write_text(json.dumps(meta, indent=2))
+    atomic_write_text(path.parent / (path.name + ".json"), json.dumps(meta, indent=2))
     detector.model.to(detector.device)
     return path
 
@@ -84,9 +84,14 @@ class OnnxBackend:
         path = Path(path) if path is not None else checkpoint / ONNX_FILE
         meta_path = path.parent / (path.name + ".json")
         if not path.is_file() or not meta_path.is_file():
-            raise CheckpointError(f"{path} not found: run `defectflow export --checkpoint {checkpoint}` first.")
-        meta = json.loads(meta_path.read_text())
-        weights = json.loads((checkpoint / CONFIG_FILE).read_text()).get("weights_sha256")
+            raise CheckpointError(f"{path} (or {meta_path.name}) not found: run `defectflow export --checkpoint {checkpoint}"
+                                  + (f" --out {path}" if path != checkpoint / ONNX_FILE else "") + "` first.")
+        try:
+            meta = json.loads(meta_path.read_text())
+            weights = json.loads((checkpoint / CONFIG_FILE).read_text()).get("weights_sha256")
+            outputs = [str(name) for name in meta["outputs"]]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{meta_path} is damaged ({exc!r}); export again.") from None
         if meta.get("weights_sha256") != weights:
             raise CheckpointError(f"{path} was exported from other weights than {checkpoint} now holds; export it again.")
         if meta.get("onnx_sha256") != sha256_of(path):
@@ -94,7 +99,7 @@ class OnnxBackend:
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.session = ort.InferenceSession(str(path), providers=providers)
-        self.outputs = list(meta["outputs"])
+        self.outputs = outputs
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The graph takes one image at a time; a batch is run image by image."""

@@ -11,6 +11,7 @@ from typing import Sequence
 
 from PIL import Image
 
+from .files import atomic_write_text
 from .pictures import FOLDERS, Picture
 
 STYLE = """
@@ -66,9 +67,9 @@ def write_html(path: str | Path, title: str, sections: Sequence[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = "\n".join(sections)
-    path.write_text(
+    atomic_write_text(
+        path,
         f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n",
-        encoding="utf-8",
     )
     return path

@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .files import save_png
+from .files import atomic_open, atomic_write_text, save_png
 from .metrics import METRIC_NAMES, METRIC_TITLES
 
 NOT_AVAILABLE = "n/a"
@@ -66,8 +66,8 @@ def write_results(out_dir: str | Path, results: dict[str, dict[str, float | None
     if len(results) > 1:
         table["mean"] = mean_row(list(results.values()))
     json_path, csv_path = out_dir / "results.json", out_dir / "results.csv"
-    json_path.write_text(json.dumps({"results": table, **(extra or {})}, indent=2))
-    with csv_path.open("w", newline="") as handle:
+    atomic_write_text(json_path, json.dumps({"results": table, **(extra or {})}, indent=2))
+    with atomic_open(csv_path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["category", *METRIC_NAMES])
         for category, metrics in table.items():
@@ -94,8 +94,9 @@ def write_heatmaps(out_dir: str | Path, prediction, input_size: tuple[int, int],
 
 
 def write_predictions(out_dir: str | Path, prediction, names: Sequence[str]) -> Path:
-    """scores.csv (path, score, decision, frame: the guard's failed checks) and, with thresholds, one defect-region mask per image
-    at the image's own resolution (regions/<name>.png, white = defect)."""
+    """scores.csv (path, score, decision, frame: the guard's failed checks, error: images that
+    could not be read have only their error) and, with thresholds, one defect-region mask per
+    image at the image's own resolution (regions/<name>.png, white = defect)."""
     from PIL import Image
 
     from .data.images import image_size
@@ -103,11 +104,13 @@ def write_predictions(out_dir: str | Path, prediction, names: Sequence[str]) -> 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     verdicts, regions = prediction.verdicts, prediction.regions
-    with (out_dir / "scores.csv").open("w", newline="") as handle:
+    with atomic_open(out_dir / "scores.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "score", "decision", "frame"])
+        writer.writerow(["path", "score", "decision", "frame", "error"])
         for index, (path, score, reason) in enumerate(zip(prediction.paths, prediction.scores, prediction.frame_reasons)):
-            writer.writerow([str(path), f"{score:.6f}", "" if verdicts is None else verdicts[index], reason])
+            writer.writerow([str(path), f"{score:.6f}", "" if verdicts is None else verdicts[index], reason, ""])
+        for path, error in prediction.failed.items():
+            writer.writerow([str(path), "", "", "", error])
     if regions is not None:
         (out_dir / "regions").mkdir(exist_ok=True)
         for path, name, region in zip(prediction.paths, names, regions):

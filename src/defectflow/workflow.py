@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
+from .checkpoint import CONFIG_FILE
 from .data.folder import AnomalyFolder
+from .files import unwritable_reason
 from .errors import DataError
 from .htmlreport import evaluation_section, table, write_html
 from .methods import Detector, Evaluation
@@ -14,13 +17,35 @@ from .pictures import CURVES, FOLDERS, OUTCOMES, Picture, outcome, write_curves,
 from .report import markdown_table, table_cells, write_results
 
 
+# what run, eval and predict write into an output folder; --overwrite replaces all of it at once
+OUTPUTS = ("model", "validation", "pictures", "curves", "heatmaps", "regions", "results.json", "results.csv",
+           "report.html", "scores.csv", "summary.md", "summary.csv", "summary.json")
+_OUTPUT_MARKERS = ("results.json", "scores.csv", "summary.json", "report.html", f"model/{CONFIG_FILE}")
+
+
 def prepare_output(out: str | Path | None, name: str, overwrite: bool = False) -> Path:
-    """A fresh output folder: runs/<name>-<time> by default; an existing non-empty one only with overwrite."""
+    """A fresh output folder: runs/<name>-<time> by default; an existing non-empty one only with
+    overwrite. Checked before any long work. Overwriting an earlier output of defectflow removes
+    all of what it wrote first (OUTPUTS; other files stay), so results, pictures and model never
+    mix two runs."""
     if out is None:
         out = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise DataError(f"Output folder {out} is not empty; choose another --out or pass --overwrite.")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; choose a folder path for the output.")
+    reason = unwritable_reason(out)
+    if reason is not None:
+        raise DataError(f"Cannot write to --out {out}: {reason}. Choose another --out.")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise DataError(f"Output folder {out} is not empty; choose another --out or pass --overwrite.")
+        if any((out / marker).exists() for marker in _OUTPUT_MARKERS):
+            for entry in OUTPUTS:
+                target = out / entry
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                elif target.exists() or target.is_symlink():
+                    target.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -67,6 +92,7 @@ def report_evaluation(
         "pixel_protocol": pixel_protocol(detector) if evaluation.masks is not None else None,
         "decisions": counts,
         "images": {str(p): float(s) for p, s in zip(evaluation.prediction.paths, evaluation.prediction.scores)},
+        "failed_images": {str(p): reason for p, reason in evaluation.prediction.failed.items()},
     }
     write_results(out, {evaluation.category: evaluation.metrics}, extra)
     rows = [(evaluation.category, evaluation.metrics, train_seconds, evaluation.ms_per_image)]
@@ -106,12 +132,23 @@ def folder_section(run_dir: Path, heading: str) -> str:
     return evaluation_section(heading, curves, pictures, note)
 
 
-def train_and_evaluate(detector: Detector, folder: AnomalyFolder, out: Path, progress: bool = True) -> tuple[Evaluation, str]:
+def train_and_evaluate(
+    detector: Detector, folder: AnomalyFolder, out: Path, progress: bool = True, pictures: bool = True, html: bool = True,
+    keep_validation: bool = True,
+) -> tuple[Evaluation, str, float]:
+    """Fit, save the model to out/model, evaluate and report; returns (evaluation, table, training seconds).
+
+    The test split and its masks are checked (file headers) before training, and the model is
+    saved as soon as it is trained, so a failure in evaluation or reporting never costs the training.
+    """
+    if folder.test:
+        folder.check_test_split()
     start = time.perf_counter()
     detector.fit(folder, progress=progress)
     train_seconds = time.perf_counter() - start
-    if detector.validation is not None:
+    detector.save(out / "model")
+    if detector.validation is not None and keep_validation:
         detector.validation.save(out / "validation")
     evaluation = detector.evaluate(folder, progress=progress)
-    table_text = report_evaluation(detector, evaluation, out, train_seconds=train_seconds)
-    return evaluation, table_text
+    table_text = report_evaluation(detector, evaluation, out, pictures=pictures, train_seconds=train_seconds, html=html)
+    return evaluation, table_text, train_seconds

@@ -9,17 +9,21 @@ A category without a ground_truth folder is evaluated at image level only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import DataError
-from .images import IMAGE_EXTENSIONS, Size, as_size, image_size, load_image, load_mask, read_image, resize_image
+from .images import (
+    IMAGE_EXTENSIONS, Size, as_size, check_min_size, image_size, load_image, load_mask, read_image, resize_image, to_tensor,
+)
 
 GOOD_NAMES = ("good", "ok")
 _MASK_PATTERNS = ("{stem}_mask.png", "{stem}.png", "{stem}.bmp", "{stem}_mask.bmp", "{stem}_mask.tif", "{stem}.tif")
@@ -27,19 +31,31 @@ _MASK_PATTERNS = ("{stem}_mask.png", "{stem}.png", "{stem}.bmp", "{stem}_mask.bm
 
 @dataclass(frozen=True)
 class Sample:
-    """One image on disk. label is 0 for a normal part, 1 for a defective one."""
+    """One image on disk (or in memory: then path is a name like <array 0> and image holds it).
+    label is 0 for a normal part, 1 for a defective one, -1 unknown."""
 
     path: Path
     label: int
     defect_type: str
     mask_path: Path | None = None
+    image: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    def read(self) -> torch.Tensor:
+        """3 x H x W in [0, 1] at the image's own resolution."""
+        return read_image(self.path) if self.image is None else self.image
+
+
+def _visible(path: Path) -> bool:
+    """Not a hidden file or folder: macOS resource forks (._x.png), .DS_Store, .ipynb_checkpoints,
+    and defectflow's own half-written files are never taken as images or categories."""
+    return not path.name.startswith(".")
 
 
 def list_images(folder: Path) -> list[Path]:
     """Image files in a folder, sorted; an error naming the folder when there are none."""
     if not folder.is_dir():
         raise DataError(f"Folder not found: {folder}")
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and _visible(p))
     if not images:
         raise DataError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
     return images
@@ -101,7 +117,7 @@ class AnomalyFolder:
             raise DataError(f"Test folder not found: {test_dir} (expected test/good and test/<defect type>).")
         ground_truth = root / "ground_truth"
         samples: list[Sample] = []
-        for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+        for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and _visible(p)):
             is_good = type_dir.name in GOOD_NAMES
             for image in list_images(type_dir):
                 if is_good:
@@ -113,28 +129,52 @@ class AnomalyFolder:
             raise DataError(f"No test images in {test_dir}")
         return tuple(samples)
 
+    def check_test_split(self) -> None:
+        """Every test image's header readable and every mask the size of its image, read from the
+        file headers only: `run` checks this before training, not after."""
+        for sample in self.test:
+            size = image_size(sample.path)
+            if sample.mask_path is not None:
+                mask_size = image_size(sample.mask_path)
+                if mask_size != size:
+                    raise DataError(
+                        f"Mask {sample.mask_path} is {mask_size[0]}x{mask_size[1]} but its image {sample.path} is "
+                        f"{size[0]}x{size[1]}. Masks must have the size of their image."
+                    )
+
 
 class ImageDataset(Dataset):
-    """Loads samples as {"image": 3xHxW in [0,1], "mask": 1xHxW of 0/1, "label", "index"}.
+    """Loads samples as {"image": 3xHxW in [0,1], "mask": 1xHxW of 0/1, "label", "index", "error"}.
 
     Normal images get an all-zero mask; defective images without a mask get an all-zero mask too,
     and the caller knows from AnomalyFolder.has_masks that pixel metrics are not available.
+    With tolerate=True an image that cannot be read comes back as zeros with its reason in
+    "error" (empty otherwise), so one bad file does not stop the others from being scored.
     """
 
-    def __init__(self, samples: Sequence[Sample], size: int | Sequence[int], mask_resampling: str = "cover") -> None:
+    def __init__(
+        self, samples: Sequence[Sample], size: int | Sequence[int], mask_resampling: str = "cover", tolerate: bool = False
+    ) -> None:
         self.samples = list(samples)
         self.size = as_size(size)
         self.mask_resampling = mask_resampling
+        self.tolerate = tolerate
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
-        full = read_image(sample.path)
+        try:
+            full = sample.read()
+        except DataError as exc:
+            if not self.tolerate:
+                raise
+            blank = torch.zeros(1, *self.size)
+            return {"image": blank.expand(3, -1, -1).clone(), "mask": blank, "label": sample.label, "index": index, "error": str(exc)}
         height, width = full.shape[-2:]
         mask = load_sample_mask(sample, self.size, full_size=(width, height), resampling=self.mask_resampling)
-        return {"image": resize_image(full, self.size), "mask": mask, "label": sample.label, "index": index}
+        return {"image": resize_image(full, self.size), "mask": mask, "label": sample.label, "index": index, "error": ""}
 
 
 def load_sample_mask(
@@ -147,12 +187,17 @@ def load_sample_mask(
     return load_mask(sample.mask_path, size, expected_size=full_size or image_size(sample.path), resampling=resampling)
 
 
+def sample_size(sample: Sample) -> tuple[int, int]:
+    """(width, height) of a sample's image: from the file's header, or of the image in memory."""
+    return image_size(sample.path) if sample.image is None else (int(sample.image.shape[2]), int(sample.image.shape[1]))
+
+
 def fitted_size(samples: Sequence[Sample], short_side: int, multiple: int = 32) -> Size:
     """(height, width) with the samples' median aspect ratio: the short side at short_side, the
     long side rounded to a multiple of `multiple`. Read from the files' headers, no decoding."""
     if not samples:
         raise DataError("No images to take the input size from.")
-    sizes = [image_size(s.path) for s in samples]
+    sizes = [sample_size(s) for s in samples]
     ratio = float(np.median([max(w, h) / min(w, h) for w, h in sizes]))
     long_side = max(short_side, multiple * round(short_side * ratio / multiple))
     landscape = sum(w > h for w, h in sizes) * 2 > len(sizes)
@@ -161,13 +206,31 @@ def fitted_size(samples: Sequence[Sample], short_side: int, multiple: int = 32) 
 
 def load_images(samples: Sequence[Sample], size: int | Sequence[int], progress: bool = False) -> torch.Tensor:
     """N x 3 x H x W: the samples' images, loaded once (for methods that reuse them every epoch)."""
-    return torch.stack([load_image(s.path, size) for s in tqdm(samples, desc="load images", disable=not progress, leave=False)])
+    return torch.stack([resize_image(s.read(), size) for s in tqdm(samples, desc="load images", disable=not progress, leave=False)])
 
 
-def samples_from_paths(paths: Sequence[str | Path]) -> list[Sample]:
-    """Unlabelled samples for prediction: files as given, folders expanded to their images."""
+def check_training_images(samples: Sequence[Sample]) -> None:
+    """Refuse, from the headers, training images too small to learn from (a 1x1 icon, a thumbnail)."""
+    if not samples:
+        raise DataError("No training images given: fit() needs good images (a category folder or a list of image paths).")
+    for sample in samples:
+        check_min_size(sample.path, sample_size(sample))
+
+
+IN_MEMORY = (np.ndarray, Image.Image, torch.Tensor)
+
+
+def samples_from_paths(paths: Sequence[Any]) -> list[Sample]:
+    """Unlabelled samples for prediction: files as given, folders expanded to their images, and
+    images in memory (numpy arrays, PIL images, tensors) named <array i> by their place in the list."""
     samples: list[Sample] = []
-    for raw in paths:
+    for index, raw in enumerate(paths):
+        if isinstance(raw, IN_MEMORY):
+            name = f"<array {index}>"
+            samples.append(Sample(Path(name), -1, "", image=to_tensor(raw, name)))
+            continue
+        if not isinstance(raw, (str, os.PathLike)):
+            raise DataError(f"Item {index} of the images is a {type(raw).__name__}: give paths, folders, numpy arrays or PIL images.")
         path = Path(raw)
         if path.is_dir():
             samples.extend(Sample(p, -1, "") for p in list_images(path))

@@ -103,9 +103,12 @@ class FeatureExtractor(nn.Module):
             if weights is not None:
                 model = timm.create_model(name, pretrained=False, **kwargs)
                 state = _load_state_file(Path(weights))
-                missing, _ = model.load_state_dict(state, strict=False)
+                try:
+                    missing, _ = model.load_state_dict(state, strict=False)
+                except RuntimeError as exc:  # shapes of another model: not a download problem
+                    raise WeightsError(f"{weights} does not fit {name} (weights of another model?): {str(exc)[:300]}") from None
                 if missing:
-                    raise WeightsError(f"{weights} does not fit {name}: missing {', '.join(missing[:5])} ...")
+                    raise WeightsError(f"{weights} does not fit {name} (weights of another model?): missing {', '.join(missing[:5])} ...")
             else:
                 model = timm.create_model(name, pretrained=pretrained, **kwargs)
         except (IndexError, AssertionError) as exc:
@@ -135,7 +138,7 @@ class FeatureExtractor(nn.Module):
             try:
                 model.load_state_dict(_load_state_file(Path(weights)))
             except RuntimeError as exc:
-                raise WeightsError(f"{weights} does not fit {name}: {exc}") from None
+                raise WeightsError(f"{weights} does not fit {name} (weights of another model?): {str(exc)[:300]}") from None
         body = create_feature_extractor(model, return_nodes={nodes[level]: str(level) for level in self.levels})
         return body, IMAGENET_MEAN, IMAGENET_STD
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +27,26 @@ def create(method: str, **options: Any) -> Detector:
 BACKENDS = ("torch", "onnx")
 
 
-def load(path: str | Path, device: str | None = None, backend: str = "torch") -> Detector:
+def load(path: str | Path, device: str | None = None, backend: str = "torch", onnx: str | Path | None = None) -> Detector:
     """A trained detector from a checkpoint folder written by Detector.save; backend "onnx" runs
-    the graph exported into that folder (defectflow export) with onnxruntime instead of PyTorch."""
+    the graph exported into that folder (defectflow export), or the file `onnx`, with onnxruntime
+    instead of PyTorch."""
     if backend not in BACKENDS:
         raise ConfigError(f"Unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}.")
+    if onnx is not None and backend != "onnx":
+        raise ConfigError("An ONNX file (--onnx) is run with --backend onnx.")
     meta, state = read_checkpoint(path)
     method = meta.get("method")
     if method not in METHODS:
         raise CheckpointError(f"{path} holds a {method!r} model, which this defectflow does not know.")
     detector = METHODS[method].from_checkpoint(meta, state, device)
+    root = detector.trained_on["root"] if detector.trained_on else None
+    if root is not None and not Path(root).is_absolute():  # older checkpoints: relative to the checkpoint, not the cwd
+        detector.trained_on = {**detector.trained_on, "root": os.path.normpath(Path(path).absolute() / root)}
     if backend == "onnx":
         from ..export import OnnxBackend
 
-        detector.backend = OnnxBackend(path)
+        detector.backend = OnnxBackend(path, onnx)
     return detector
 
 

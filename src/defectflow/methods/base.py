@@ -7,7 +7,10 @@ training routine; data loading, batching, devices, metrics and checkpoints live 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,15 +23,25 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..checkpoint import save_checkpoint
-from ..data.folder import AnomalyFolder, ImageDataset, Sample, fitted_size, load_images, load_sample_mask, samples_from_paths
+from ..data.folder import (
+    IN_MEMORY, AnomalyFolder, ImageDataset, Sample, check_training_images, fitted_size, load_images, load_sample_mask,
+    samples_from_paths,
+)
 from ..data.images import MASK_RESAMPLING, Size
 from ..data.synthetic import DefectSynthesizer, TextureSource, ValidationSet, build_validation_set
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, DataError, DefectflowWarning
 from ..features.extractor import FeatureExtractor
 from ..heads.guard import input_statistics, reasons
 from ..metrics import compute_metrics
 from ..scoring import IMAGE_REDUCTIONS, image_scores
 from ..thresholds import RULES, Thresholds, choose_thresholds
+
+
+# Added after checkpoints of format 1 were first written: older checkpoints lack these options,
+# and load with the values that give their behaviour, and these buffers, which load with their
+# defaults (the guard uncalibrated, the heads' scales the identity).
+LEGACY_OPTIONS: dict[str, Any] = {"tile_size": None, "tile_overlap": 64, "mask_resampling": "cover"}
+ADDED_LATER = ("guard.", "head_low", "head_high")
 
 
 def option(default: Any, help: str) -> Any:
@@ -71,10 +84,11 @@ class DetectorConfig:
     num_workers: int = option(0, "data-loading worker processes")
 
     def validate(self) -> None:
-        if isinstance(self.input_size, int):
-            self.input_size = (self.input_size,)
-        self.input_size = tuple(self.input_size)
-        if len(self.input_size) not in (1, 2) or any(not isinstance(v, int) or v < 32 or v % 32 for v in self.input_size):
+        """Every option checked before any work starts: a bad value fails in a second, not after training."""
+        if isinstance(self.input_size, (int, list)):  # input_size=256 from Python, a list from JSON
+            self.input_size = tuple(self.input_size) if isinstance(self.input_size, list) else (self.input_size,)
+        check_types(self)
+        if len(self.input_size) not in (1, 2) or any(v < 32 or v % 32 for v in self.input_size):
             raise ConfigError(
                 f"input_size must be one (short side) or two (height width) multiples of 32, each at least 32, got {self.input_size}"
             )
@@ -86,33 +100,112 @@ class DetectorConfig:
             raise ConfigError(f"mask_resampling must be one of {MASK_RESAMPLING}, got {self.mask_resampling!r}")
         if self.image_score not in IMAGE_REDUCTIONS:
             raise ConfigError(f"image_score must be one of {IMAGE_REDUCTIONS}, got {self.image_score!r}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
+        at_least(self, 1, "batch_size")
+        at_least(self, 0, "seed", "num_workers", "smoothing_sigma")
         if not self.levels:
             raise ConfigError("levels must name at least one feature level")
+        if min(self.levels) < 0:
+            raise ConfigError(f"levels are backbone stages 0, 1, 2, ...; got {list(self.levels)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.threshold_rule not in RULES:
             raise ConfigError(f"threshold_rule must be one of {RULES}, got {self.threshold_rule!r}")
         if not 0.0 <= self.target_far < 1.0:
             raise ConfigError(f"target_far must be in [0, 1), got {self.target_far}")
+        check_device(self.device)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "DetectorConfig":
+        """The config a checkpoint recorded, every option present and valid (CheckpointError otherwise)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
+        unknown, missing = set(data) - known, known - set(data)
         if unknown:
             raise CheckpointError(f"Unknown options {sorted(unknown)} for {cls.__name__}; was it written by a newer defectflow?")
-        values = dict(data)
-        for f in dataclasses.fields(cls):  # JSON has lists where the config has tuples
-            if f.name in values and isinstance(values[f.name], list):
-                values[f.name] = tuple(values[f.name])
+        missing -= set(LEGACY_OPTIONS)
+        if missing:
+            raise CheckpointError(f"The checkpoint's config lacks the options {sorted(missing)}; the checkpoint is damaged.")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in {**LEGACY_OPTIONS, **data}.items() if k in known}
         if isinstance(values.get("input_size"), int):  # checkpoints before non-square sizes: square images
             values["input_size"] = (values["input_size"],) * 2
-        return cls(**values)
+        config = cls(**values)
+        try:  # the device is the loading machine's business (load(device=...)): its value is checked when it is used
+            check_types(config)
+            dataclasses.replace(config, device="cpu").validate()
+        except ConfigError as exc:
+            raise CheckpointError(f"The checkpoint's config is invalid: {exc}") from None
+        return config
+
+
+def _fits(value: Any, hint: Any) -> bool | None:
+    """Whether value fits a config type hint; None for a hint this does not know (not checked)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        known = [_fits(value, arg) for arg in args]
+        return None if None in known else any(known)
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False
+        items = [_fits(v, args[0]) for v in value] if len(args) == 2 and args[1] is Ellipsis else [None]
+        return None if None in items else all(items)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, (bool, np.bool_))
+    if hint is int:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if hint is float:
+        return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if hint is str:
+        return isinstance(value, str)
+    return None
+
+
+def check_types(config: DetectorConfig) -> None:
+    """Each option against its type hint (an int where a float is expected is fine), and every
+    number finite: "64" for an int or nan for a learning rate is a ConfigError naming the option."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if _fits(value, hints[f.name]) is False:
+            shown = hints[f.name].__name__ if isinstance(hints[f.name], type) else str(hints[f.name]).replace("typing.", "")
+            raise ConfigError(f"{f.name} must be of type {shown}, got {value!r} ({type(value).__name__})")
+        numbers = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, (float, np.floating)) and not math.isfinite(v) for v in numbers):
+            raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+
+
+def at_least(config: DetectorConfig, low: float, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) < low:
+            raise ConfigError(f"{name} must be at least {low}, got {getattr(config, name)}")
+
+
+def positive(config: DetectorConfig, *names: str) -> None:
+    for name in names:
+        if not getattr(config, name) > 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
+
+
+def check_device(name: str) -> None:
+    """auto, cpu, cuda[:N] or another torch device that exists on this machine."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} asked for a CUDA GPU but none is available here; use --device cpu (or auto).")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s) (cuda:0 ...).")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r} is not available here; use --device cpu (or auto).")
+
+
 
 
 @dataclass
@@ -126,6 +219,7 @@ class Prediction:
     head_maps: dict[str, np.ndarray] = field(default_factory=dict)
     thresholds: Thresholds | None = None
     frame: np.ndarray | None = None  # N x len(CHECKS) deviations from the frame guard (heads/guard.py)
+    failed: dict[Path, str] = field(default_factory=dict)  # images that could not be read -> why; not in paths
 
     @property
     def invalid(self) -> np.ndarray:
@@ -171,9 +265,7 @@ class Evaluation:
     head_metrics: dict[str, dict[str, float | None]] = field(default_factory=dict)  # each head's map alone
 
 
-# Buffers added to the models after checkpoints of format 1 were first written; older checkpoints
-# lack them and load with their defaults (the guard uncalibrated, the heads' scales the identity).
-ADDED_LATER = ("guard.", "head_low", "head_high")
+
 
 
 def resolve_device(name: str) -> torch.device:
@@ -182,23 +274,37 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _samples(data: AnomalyFolder | str | Path | Sequence[str | Path] | Sequence[Sample], split: str) -> list[Sample]:
+def _samples(data: AnomalyFolder | str | Path | Sequence[Any], split: str) -> list[Sample]:
+    """The samples of a category folder's split, or of a list of paths, folders or in-memory images."""
     if isinstance(data, (str, Path)):
         data = AnomalyFolder.scan(data, require_test=split == "test")
     if isinstance(data, AnomalyFolder):
         return list(data.train if split == "train" else data.test)
+    if isinstance(data, IN_MEMORY):  # one image is a list of one
+        data = [data]
     data = list(data)
-    if data and all(isinstance(item, Sample) for item in data):
+    if not data:
+        raise DataError(f"No images given to {'fit' if split == 'train' else 'predict'}(): pass paths, folders or image arrays.")
+    if all(isinstance(item, Sample) for item in data):
         return data
     return samples_from_paths(data)
+
+
+def min_images_to_hold_out(fraction: float) -> int | None:
+    """The fewest training images for which hold_out() holds any back (None: fraction 0)."""
+    return next((n for n in range(4, 10_000) if hold_out_count(n, fraction)), None) if fraction > 0 else None
+
+
+def hold_out_count(n: int, fraction: float) -> int:
+    """How many of n images hold_out() holds back: none when fewer than 2 would be held or kept."""
+    n_held = int(round(fraction * n))
+    return 0 if n_held < 2 or n - n_held < 2 else n_held
 
 
 def hold_out(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """(held out, kept): a seeded random share of the samples, none when too few would be left."""
     order = np.random.default_rng(seed).permutation(len(samples))
-    n_held = int(round(fraction * len(samples)))
-    if n_held < 2 or len(samples) - n_held < 2:
-        n_held = 0
+    n_held = hold_out_count(len(samples), fraction)
     return [samples[i] for i in sorted(order[:n_held])], [samples[i] for i in sorted(order[n_held:])]
 
 
@@ -220,7 +326,8 @@ class Detector:
         self.fit_seconds: dict[str, float] = {}
         self.validation: ValidationSet | None = None  # built in fit from held-out training images
         self.thresholds: Thresholds | None = None
-        self.trained_on: dict[str, str] | None = None  # the category folder fit() was given, if any
+        self.trained_on: dict[str, str] | None = None  # the category folder fit() was given (absolute), if any
+        self.threshold_note: str | None = None  # why there are no thresholds, when there are none
         self.backend: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None  # e.g. an ONNX session
 
     # -- what a method provides -------------------------------------------------------------
@@ -246,9 +353,9 @@ class Detector:
             raise ConfigError(f"input_size {size} gives the short side only; fit() fixes the long side from the training images.")
         return size
 
-    def loader(self, samples: Sequence[Sample], shuffle: bool = False) -> DataLoader:
+    def loader(self, samples: Sequence[Sample], shuffle: bool = False, tolerate: bool = False) -> DataLoader:
         return DataLoader(
-            ImageDataset(samples, self.image_size, self.config.mask_resampling),
+            ImageDataset(samples, self.image_size, self.config.mask_resampling, tolerate=tolerate),
             batch_size=self.config.batch_size,
             shuffle=shuffle,
             num_workers=self.config.num_workers,
@@ -266,17 +373,31 @@ class Detector:
         if isinstance(data, (str, Path)):
             data = AnomalyFolder.scan(data, require_test=False)
         train = _samples(data, "train")
+        check_training_images(train)
         if len(c.input_size) == 1:
             self.config = c = dataclasses.replace(c, input_size=fitted_size(train, c.input_size[0]))
-        self.trained_on = {"category": data.name, "root": str(data.root)} if isinstance(data, AnomalyFolder) else None
+        # absolute: eval without --data finds the data from any working directory
+        self.trained_on = {"category": data.name, "root": str(data.root.absolute())} if isinstance(data, AnomalyFolder) else None
         held_out, kept = hold_out(train, c.val_fraction, c.seed)
         self.validation = self._validation_set(held_out, progress) if held_out else None
         self.thresholds = None
+        self.threshold_note = self._no_validation_note(len(train)) if not held_out else None
+        if self.threshold_note is not None and c.val_fraction > 0:
+            warnings.warn(self.threshold_note, DefectflowWarning, stacklevel=2)
         self._fit(kept, progress)
         self._calibrate_guard(kept)
         if self.validation is not None:
             self.thresholds = self._choose_thresholds()
         return self
+
+    def _no_validation_note(self, n_train: int) -> str:
+        """Why fit() made no validation set, so no operating thresholds (OK/DEFECT) either."""
+        fraction = self.config.val_fraction
+        if fraction == 0:
+            return "it was trained with --val-fraction 0 (no validation set)"
+        return (f"only {n_train} training images: --val-fraction {fraction} holds out too few for a validation set "
+                f"(at least 2 held out and 2 kept; {min_images_to_hold_out(fraction)} images at this fraction). "
+                "No operating thresholds (OK/DEFECT), scores only: add training images or raise --val-fraction")
 
     def _validation_set(self, samples: list[Sample], progress: bool) -> ValidationSet:
         """Half the held-out images clean, half with a synthetic defect (deterministic per seed)."""
@@ -323,11 +444,27 @@ class Detector:
         return self.model
 
     def predict(self, data: AnomalyFolder | str | Path | Sequence, progress: bool = True) -> Prediction:
-        """Anomaly maps and image scores (a folder's test split, or images / folders of images)."""
+        """Anomaly maps and image scores (a folder's test split, or images / folders of images, or
+        images in memory: numpy arrays HxW / HxWx3, uint8 or float in [0, 1], PIL images).
+
+        An image that cannot be read is left out of paths, scores and maps and listed in
+        Prediction.failed with the reason: one bad file does not cost the others their scores.
+        """
         self._require_model()
         samples = _samples(data, "test")
-        batches = (batch["image"] for batch in tqdm(self.loader(samples), desc="predict", disable=not progress, leave=False))
-        return self._predict_batches(batches, [s.path for s in samples])
+        failed: dict[Path, str] = {}
+
+        def readable_batches() -> Iterable[torch.Tensor]:
+            for batch in tqdm(self.loader(samples, tolerate=True), desc="predict", disable=not progress, leave=False):
+                ok = torch.tensor([not error for error in batch["error"]])
+                failed.update({samples[int(i)].path: e for i, e in zip(batch["index"], batch["error"]) if e})
+                if ok.any():
+                    yield batch["image"][ok]
+
+        prediction = self._predict_batches(readable_batches(), [])
+        prediction.paths = [s.path for s in samples if s.path not in failed]
+        prediction.failed = failed
+        return prediction
 
     def predict_images(self, images: torch.Tensor) -> Prediction:
         """Prediction for a N x 3 x H x W tensor of images in [0, 1] (paths are left empty)."""
@@ -351,6 +488,8 @@ class Detector:
             for name, value in out.items():
                 if name not in ("map", "score", "frame"):
                     heads.setdefault(name, []).append(value.float().cpu())
+        if not maps:  # no image (every one failed to read)
+            return Prediction(paths=paths, scores=np.zeros(0, np.float32), maps=np.zeros((0, 0, 0), np.float32), thresholds=self.thresholds)
         return Prediction(
             paths=paths,
             scores=torch.cat(scores).numpy(),
@@ -367,12 +506,14 @@ class Detector:
         start = time.perf_counter()
         prediction = self.predict(folder, progress=progress)
         ms_per_image = 1000.0 * (time.perf_counter() - start) / max(len(folder.test), 1)
-        labels = np.array([s.label for s in folder.test])
+        test = [s for s in folder.test if s.path not in prediction.failed]  # metrics on the images that could be read
+        if not test:
+            raise DataError(f"None of the {len(folder.test)} test images of {folder.root} could be read; first: "
+                            f"{next(iter(prediction.failed.values()))}")
+        labels = np.array([s.label for s in test])
         masks = None
         if folder.has_masks:
-            masks = np.stack([
-                load_sample_mask(s, self.image_size, resampling=self.config.mask_resampling)[0].numpy() > 0 for s in folder.test
-            ])
+            masks = np.stack([load_sample_mask(s, self.image_size, resampling=self.config.mask_resampling)[0].numpy() > 0 for s in test])
         metrics = compute_metrics(labels, prediction.scores, masks, prediction.maps)
         head_metrics = {
             name: compute_metrics(labels, image_scores(torch.from_numpy(maps), self.config.image_score).numpy(), masks, maps)
@@ -382,7 +523,8 @@ class Detector:
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         model = self._require_model()
-        extra = {"thresholds": None if self.thresholds is None else self.thresholds.to_json(), "trained_on": self.trained_on}
+        extra = {"thresholds": None if self.thresholds is None else self.thresholds.to_json(), "trained_on": self.trained_on,
+                 "threshold_note": self.threshold_note}
         return save_checkpoint(path, self.method, self.config.to_json(), model.state_dict(), overwrite=overwrite, extra=extra)
 
     @classmethod
@@ -390,7 +532,7 @@ class Detector:
         config = cls.config_class.from_json(meta["config"])
         if device is not None:
             config.device = device
-        detector = cls(config)
+        detector = cls(config)  # the device is checked here: a GPU checkpoint on a CPU machine asks for --device cpu
         model = detector.build_model(pretrained=False)
         fresh = model.state_dict()
         added = [name for name in fresh if name not in state and name.startswith(ADDED_LATER)]
@@ -406,4 +548,5 @@ class Detector:
         thresholds = meta.get("thresholds")
         detector.thresholds = None if thresholds is None else Thresholds.from_json(thresholds)
         detector.trained_on = meta.get("trained_on")
+        detector.threshold_note = meta.get("threshold_note")
         return detector

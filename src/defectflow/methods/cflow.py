@@ -22,7 +22,7 @@ from ..features.extractor import FeatureExtractor
 from ..heads.flows import ConditionalFlows
 from ..heads.guard import FrameGuard
 from ..scoring import flow_anomaly_map, normalise, smooth
-from .base import Detector, DetectorConfig, option
+from .base import Detector, DetectorConfig, at_least, option, positive
 
 
 @dataclass
@@ -43,11 +43,11 @@ class CFlowConfig(DetectorConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.condition_dim % 4:
-            raise ConfigError(f"condition_dim must be a multiple of 4, got {self.condition_dim}")
-        for name in ("coupling_blocks", "fiber_batch", "meta_epochs", "sub_epochs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.condition_dim < 4 or self.condition_dim % 4:
+            raise ConfigError(f"condition_dim must be a positive multiple of 4, got {self.condition_dim}")
+        at_least(self, 1, "coupling_blocks", "fiber_batch", "meta_epochs", "sub_epochs")
+        at_least(self, 0, "warmup_meta_epochs")
+        positive(self, "lr", "clamp")
         if self.epoch_vectors is not None and self.epoch_vectors < self.fiber_batch:
             raise ConfigError(f"epoch_vectors must be at least fiber_batch ({self.fiber_batch}), got {self.epoch_vectors}")
 

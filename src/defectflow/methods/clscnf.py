@@ -40,7 +40,7 @@ from ..heads.classifier import LOSSES, SegmentationDecoder, segmentation_loss
 from ..heads.guard import FrameGuard
 from ..metrics import compute_metrics
 from ..scoring import image_scores, normalise
-from .base import Detector, option
+from .base import Detector, at_least, option, positive
 from .cflow import CFlowConfig, FlowScorer, build_flow_scorer, collect_features, train_flows
 
 FUSION_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0)
@@ -76,6 +76,15 @@ class ClsCNFConfig(CFlowConfig):
             raise ConfigError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if not 0.0 <= self.defect_probability <= 1.0:
             raise ConfigError(f"defect_probability must be in [0, 1], got {self.defect_probability}")
+        at_least(self, 1, "cls_batch_size", "decoder_width")
+        at_least(self, 0, "frozen_epochs", "joint_epochs", "extractor_lr_factor")
+        positive(self, "cls_lr")
+        if self.frozen_epochs + self.joint_epochs < 1:
+            raise ConfigError("frozen_epochs + joint_epochs must be at least 1: with none, the classifier would stay untrained")
+        if not self.decoder_levels or min(self.decoder_levels) < 0:
+            raise ConfigError(f"decoder_levels must name backbone stages 0, 1, 2, ...; got {list(self.decoder_levels)}")
+        if self.fusion_weight is not None and self.fusion_weight < 0:
+            raise ConfigError(f"fusion_weight must be at least 0, got {self.fusion_weight}")
 
 
 class ClsCNFModel(nn.Module):

@@ -33,7 +33,7 @@ from ..heads.flows import image_flow
 from ..heads.guard import FrameGuard
 from ..metrics import image_auroc
 from ..scoring import normalise, smooth
-from .base import Detector, DetectorConfig, option
+from .base import Detector, DetectorConfig, at_least, option, positive
 
 SELECTIONS = ("last", "validation")
 
@@ -58,9 +58,9 @@ class DifferNetConfig(DetectorConfig):
         super().validate()
         if self.select not in SELECTIONS:
             raise ConfigError(f"select must be one of {SELECTIONS}, got {self.select!r}")
-        for name in ("coupling_blocks", "meta_epochs", "sub_epochs", "vector_batch", "augment_copies", "test_rotations"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        at_least(self, 1, "coupling_blocks", "meta_epochs", "sub_epochs", "vector_batch", "augment_copies", "test_rotations",
+                 "subnet_width")
+        positive(self, "lr", "clamp")
         if not self.scales or any(s <= 0 for s in self.scales):
             raise ConfigError(f"scales must be positive, got {self.scales}")
 
