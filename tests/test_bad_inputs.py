@@ -33,7 +33,7 @@ from defectflow.checkpoint import CONFIG_FILE, config_digest
 from defectflow.cli import main
 from defectflow.data.folder import AnomalyFolder
 from defectflow.data.images import image_size, read_image
-from defectflow.errors import CheckpointError, ConfigError, DataError, DefectflowWarning
+from defectflow.errors import CheckpointError, ConfigError, DataError
 
 TINY = ["--input-size", "64", "--meta-epochs", "1", "--sub-epochs", "1", "--epoch-vectors", "2000", "--batch-size", "8", "--quiet"]
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -394,6 +394,10 @@ def test_bench_killed_at_random_times_resumes_cleanly(corpus: Path, tmp_path: Pa
     shutil.copytree(corpus / "bottle", other, symlinks=True)
     assert main([*args[:4], str(other), *args[5:]]) == 2
     assert "was made on" in error_line(capsys)
+    record_file = out / "cflow" / "bottle" / "run-0" / RUN_FILE  # as an older defectflow wrote it: no data root
+    record_file.write_text(json.dumps({k: v for k, v in json.loads(record_file.read_text()).items() if k != "data_root"}))
+    assert main(args) == 0
+    assert "1 finished run(s) do not record their data" in capsys.readouterr().out
     assert main(["bench", "--dataset", "folder", "--root", str(corpus), "--categories", "nope", "--methods", "cflow",
                  "--out", str(tmp_path / "b2"), "--pictures", "none", *TINY]) == 1
     assert "Category folder not found" in capsys.readouterr().out

@@ -135,15 +135,17 @@ def run_bench(
                     f"{out / method / name / f'run-{k}'} was made with other options; continue it with the same "
                     "options, or choose another --out."
                 )
-            if record.data_root != data_roots[name]:
-                made_on = record.data_root or "data this defectflow cannot tell (no data_root in its run.json)"
+            if None not in (record.data_root, data_roots[name]) and record.data_root != data_roots[name]:
                 raise ConfigError(
-                    f"{out / method / name / f'run-{k}'} was made on {made_on}, not on {data_roots[name]}; continue it "
-                    "with the same --root, or choose another --out."
+                    f"{out / method / name / f'run-{k}'} was made on {record.data_root}, not on {data_roots[name]}; "
+                    "continue it with the same --root (and --dataset), or choose another --out."
                 )
             finished[(method, name, k)] = record
     todo = [item for item in plan if (item[0], item[1], item[3]) not in finished]
     log(f"bench: {len(plan)} runs, {len(finished)} already finished, {len(todo)} to do; results in {out}")
+    legacy = sum(record.data_root is None for record in finished.values())
+    if legacy:  # written before run.json recorded it: nothing to compare, so say what is assumed
+        log(f"bench: {legacy} finished run(s) do not record their data (older defectflow); kept as made on {root}")
 
     folders: dict[str, AnomalyFolder | Exception] = {}
     for index, (method, name, path, k) in enumerate(todo, 1):

@@ -15,15 +15,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import DataError
-from .images import (
-    IMAGE_EXTENSIONS, Size, as_size, check_min_size, image_size, load_image, load_mask, read_image, resize_image, to_tensor,
-)
+from .images import IMAGE_EXTENSIONS, Size, as_size, check_min_size, image_size, load_mask, read_image, resize_image, to_tensor
 
 GOOD_NAMES = ("good", "ok")
 _MASK_PATTERNS = ("{stem}_mask.png", "{stem}.png", "{stem}.bmp", "{stem}_mask.bmp", "{stem}_mask.tif", "{stem}.tif")
