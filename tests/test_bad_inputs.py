@@ -364,17 +364,17 @@ def test_ctrl_c_is_one_line_and_130(corpus: Path, tmp_path: Path, capsys, monkey
 # -- killed commands leave nothing half-written that passes for finished ---------------------------------
 def test_bench_killed_at_random_times_resumes_cleanly(corpus: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "bench"
-    args = ["bench", "--dataset", "folder", "--root", str(corpus / "bottle"), "--methods", "cflow", "--runs", "2",
+    args = ["bench", "--dataset", "folder", "--root", str(corpus / "bottle"), "--methods", "cflow", "--runs", "1",
             "--out", str(out), "--pictures", "none", "--val-fraction", "0.34", *TINY]
     rng = random.Random()
     start = time.monotonic()
     for _ in range(3):
-        if time.monotonic() - start > 25:  # bounded: at most 3 kills and about half a minute
+        if time.monotonic() - start > 20:  # bounded: at most 3 kills and about half a minute
             break
         process = subprocess.Popen([sys.executable, "-m", "defectflow.cli", *args], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(SRC)})
         try:
-            process.wait(timeout=rng.uniform(2.0, 10.0))  # from start-up to the middle of the second run
+            process.wait(timeout=rng.uniform(2.0, 9.0))  # from start-up to saving and reporting the run
         except subprocess.TimeoutExpired:
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
@@ -387,8 +387,8 @@ def test_bench_killed_at_random_times_resumes_cleanly(corpus: Path, tmp_path: Pa
             defectflow.load(checkpoint)
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "2 of 2 runs finished" in printed
-    assert all(RunRecord.read(out / "cflow" / "bottle" / f"run-{k}" / RUN_FILE).status == "ok" for k in range(2))
+    assert "1 of 1 runs finished" in printed
+    assert RunRecord.read(out / "cflow" / "bottle" / "run-0" / RUN_FILE).status == "ok"
     # the same bench folder on other data is refused, and a failed category makes the exit status 1
     other = tmp_path / "elsewhere" / "bottle"
     shutil.copytree(corpus / "bottle", other, symlinks=True)
