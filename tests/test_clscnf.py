@@ -17,7 +17,7 @@ TINY = dict(input_size=128, frozen_epochs=1, joint_epochs=1, meta_epochs=1, sub_
 
 @pytest.fixture(scope="module")
 def trained(small_bottle: AnomalyFolder) -> defectflow.Detector:
-    return defectflow.create("clscnf", **TINY).fit(small_bottle, progress=False)
+    return defectflow.create("clscnf", **TINY, fusion="calibrated").fit(small_bottle, progress=False)
 
 
 def test_stage_one_fine_tunes_weights_but_not_batchnorm_statistics(trained) -> None:
@@ -41,6 +41,7 @@ def test_validation_set_comes_from_held_out_training_images(trained, small_bottl
 
 
 def test_tuned_fusion_weight_is_the_best_on_validation(trained) -> None:
+    assert defectflow.create("clscnf").config.fusion == "tuned"  # the paper's procedure stays the default
     trained.set_fusion("tuned")
     try:
         weight = trained.model.fusion_weight.item()

@@ -8,15 +8,15 @@ flows are trained on cached features of normal images. A synthetic validation se
 held-out training images, picks the best stage-1 epoch; the test set is never used to choose
 anything.
 
-Fusion. The paper adds the classifier map to the flow map with a weight. The two heads live on
-different scales (a calibrated flow map, a probability), and a weight tuned on synthetic defects
-favours the head that learned those defects (on MVTec bottle it took the top of the grid, 10;
-on other products fused maps scored below one of their own heads). By default (`fusion
-calibrated`) each head is first put on one scale measured on good images the model never trained
-on, the held-out images before their synthetic defects: 0 at their median pixel, 1 at their
-largest; the fused map is then the sum, `fusion_weight` (default 1) weighing the classifier.
-`fusion tuned` is the earlier procedure: raw heads, the weight of FUSION_WEIGHTS that scores best on
-the synthetic validation set.
+Fusion. The paper adds the classifier map to the flow map with a weight. By default (`fusion
+tuned`, the paper's procedure) the raw heads are added with the weight of FUSION_WEIGHTS that
+scores best on the synthetic validation set. Such a weight favours the head that learned the
+synthetic defects (on MVTec bottle it took the top of the grid, 10), so `fusion calibrated`
+offers the principled alternative: each head put on one scale measured on good images the model
+never trained on (the held-out images before their synthetic defects: 0 at their median pixel, 1
+at their largest), then added, `fusion_weight` (default 1) weighing the classifier. Measured on
+KolektorSDD (benchmarks/cross_product.py, one training, seed 0) calibrated did worse than tuned
+(image AUROC 88.04 vs 91.23, AUPRO 79.16 vs 80.86), so it is not the default.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class ClsCNFConfig(CFlowConfig):
     joint_epochs: int = option(16, "stage-1 epochs fine-tuning extractor and decoder together")
     cls_batch_size: int = option(8, "images per classifier training step")
     defect_probability: float = option(0.5, "share of training images given a synthetic defect")
-    fusion: str = option("calibrated", "calibrated: both heads on one scale from held-out good images, then added; "
+    fusion: str = option("tuned", "calibrated: both heads on one scale from held-out good images, then added; "
                                        "tuned: raw heads, the classifier's weight tuned on the synthetic validation set")
     fusion_weight: float | None = option(None, "weight of the classifier map in the fused map (default: 1 calibrated, tuned when tuned)")
     shared: bool = option(True, "flows use the fine-tuned extractor (off: their own ImageNet extractor, the paper's baseline)")
