@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 import defectflow
 from defectflow.data.elpv import prepare_elpv
 from defectflow.data.folder import AnomalyFolder
+from defectflow.methods import METHODS
 from defectflow.report import format_table
 from defectflow.workflow import decision_counts
 
@@ -74,7 +76,8 @@ def main() -> None:
                     options = dict(extra)
                 else:
                     options = dict(PREVIOUS)
-                    options = {k: v for k, v in options.items() if k in {f for f in defectflow.create(method).config.to_json()}}
+                    own = {f.name for f in dataclasses.fields(METHODS[method].config_class)}
+                    options = {k: v for k, v in options.items() if k in own}
                 row, size, detector = run_one(method, folder, options)
                 variants = [(f"{method} {setting} ({size})", row)]
                 if method == "clscnf" and setting == "now":

@@ -75,7 +75,6 @@ class FrameGuard(nn.Module):
         covariance = LedoitWolf().fit(pooled.double().cpu().numpy())
         self.feature_mean.copy_(torch.from_numpy(covariance.location_))
         self.precision.copy_(torch.from_numpy(np.asarray(covariance.precision_)))
-        self.distance_limit.fill_(1.0)
         self.calibrated.fill_(1.0)
         every_pooled = torch.cat([pooled, held_pooled])[:, :, None, None].to(self.feature_mean)
         self.distance_limit.fill_(DISTANCE_FACTOR * float(self.feature_distance(every_pooled).max()))

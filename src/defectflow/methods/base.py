@@ -422,8 +422,7 @@ class Detector:
         the clean held-out images of the validation set."""
         picks = list(train)[:: max(1, len(train) // count)][:count]
         stats, pooled = self._guard_inputs(load_images(picks, self.image_size))
-        held = torch.empty(0, 3, *self.image_size) if self.validation is None else self.validation.clean
-        held_stats, held_pooled = self._guard_inputs(held) if len(held) else (stats[:0], pooled[:0])
+        held_stats, held_pooled = (stats[:0], pooled[:0]) if self.validation is None else self._guard_inputs(self.validation.clean)
         self.model.guard.calibrate(stats, pooled, held_stats, held_pooled)
 
     def _choose_thresholds(self) -> Thresholds:
