@@ -40,8 +40,8 @@ from ..thresholds import RULES, Thresholds, choose_thresholds
 # Added after checkpoints of format 1 were first written: older checkpoints lack these options,
 # and load with the values that give their behaviour, and these buffers, which load with their
 # defaults (the guard uncalibrated, the heads' scales the identity).
-LEGACY_OPTIONS: dict[str, Any] = {"tile_size": None, "tile_overlap": 64, "mask_resampling": "cover"}
-ADDED_LATER = ("guard.", "head_low", "head_high")
+LEGACY_OPTIONS: dict[str, Any] = {"tile_size": None, "tile_overlap": 64, "mask_resampling": "cover", "position_reference": False}
+ADDED_LATER = ("guard.", "head_low", "head_high", "scorer.position_low")
 
 
 def option(default: Any, help: str) -> Any:
