@@ -41,7 +41,7 @@ class RaySettings:
     has already joined)."""
 
     address: str | None = None
-    cpus_per_run: float = 1.0  # also the run's torch threads, so concurrent runs do not oversubscribe cores
+    cpus_per_run: float = 1.0  # also the run's torch threads (whole, at least 1): concurrent runs share no core
     gpus_per_run: float = 0.0
     max_retries: int = 2  # extra tries of a run whose worker died (its own errors are never retried)
     ship_results: bool = False  # return every run's files to the driver even when the workers see --out
@@ -83,9 +83,12 @@ class _Board:
 def _run_task(spec: RunSpec, index: int, out: str, token: str, ship: bool, threads: int,
               board: Any) -> tuple[RunRecord, list[str], dict[str, bytes] | None]:
     """One run on a worker: (record, its log lines, and its files when they must be shipped)."""
+    import ray
     import torch
 
     board.started.remote(index, socket.gethostname(), os.getpid())  # no ray.get: a blocked task gives back its CPU
+    if not ray.get_gpu_ids():  # Ray leaves a task without GPUs every GPU: device auto must mean the CPU it reserved
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     torch.set_num_threads(threads)
     lines: list[str] = []
     marker = Path(out) / TOKEN_FILE
