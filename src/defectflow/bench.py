@@ -8,7 +8,8 @@ Layout of a bench folder:
     <out>/summary.md|csv|json, <out>/report.html
 
 A run whose run.json says "ok" is finished and never redone; a run without one (interrupted) or
-a failed one is started again from scratch. Run k trains with seed + k.
+a failed one is started again from scratch. Run k trains with seed + k. The runs go one after
+another in this process, or as tasks on a Ray cluster (bench_ray); execute_run does each either way.
 """
 
 from __future__ import annotations

@@ -308,9 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     cluster = bench.add_argument_group("--executor ray")
     cluster.add_argument("--address", help="Ray cluster to join, e.g. HEAD:6379 (default: RAY_ADDRESS, else the cluster "
                                            "`ray start` made here, else a local Ray instance for this bench)")
-    cluster.add_argument("--cpus-per-run", type=float, help="CPUs each run reserves, and its torch threads (default 1)")
-    cluster.add_argument("--gpus-per-run", type=float, help="GPUs each run reserves, may be fractional (default 0)")
-    cluster.add_argument("--max-retries", type=int, help="tries again of a run whose worker died (default 2)")
+    cluster.add_argument("--cpus-per-run", type=float, help=f"CPUs each run reserves, and its torch threads (default {RaySettings.cpus_per_run:g})")
+    cluster.add_argument("--gpus-per-run", type=float, help=f"GPUs each run reserves, may be fractional (default {RaySettings.gpus_per_run:g})")
+    cluster.add_argument("--max-retries", type=int, help=f"tries again of a run whose worker died (default {RaySettings.max_retries})")
     cluster.add_argument("--ship-results", action="store_true",
                          help="send every run's files back to the driver to write under --out, even when workers see "
                               "--out (without it they are sent only by workers that do not)")
