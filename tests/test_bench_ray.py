@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import link_bottle_slice
 from defectflow.bench import RunRecord, run_bench
@@ -46,9 +47,15 @@ def dataset(bottle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def local(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[RunRecord]]:
-    """The reference: the same bench with the local executor."""
+    """The reference: the same bench with the local executor, on one torch thread as each Ray run here
+    (1 CPU each): the same sums in the same order, so the same results."""
     out = tmp_path_factory.mktemp("local") / "b"
-    return out, run_bench(out, "folder", dataset, ["all"], ["cflow"], runs=2, options=TINY, progress=False, log=lambda _: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return out, run_bench(out, "folder", dataset, ["all"], ["cflow"], runs=2, options=TINY, progress=False, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def metrics(records: list[RunRecord]) -> dict[tuple[str, int], dict]:
