@@ -135,9 +135,10 @@ def run_on_ray(todo: Sequence[RunSpec], out: Path, settings: RaySettings, log: C
     if started_here:
         try:
             ray.init(address=settings.address)
-        except ConnectionError as exc:
-            raise ConfigError(f"Cannot join the Ray cluster at {settings.address}: {exc}. Start it with "
-                              "`ray start --head` (see the README), or leave out --address for a local one.") from None
+        except (ConnectionError, RuntimeError) as exc:  # no cluster at the address; GCS unreachable or not started
+            where = settings.address or os.environ.get("RAY_ADDRESS") or "this machine"
+            raise ConfigError(f"Ray could not join or start a cluster ({where}): {str(exc).rstrip('.')}. Start one with "
+                              "`ray start --head` (see the README) and give its address with --address.") from None
     resources = ray.cluster_resources()
     log(f"bench: Ray cluster with {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; "
         f"{settings.cpus_per_run:g} CPUs, {settings.gpus_per_run:g} GPUs per run")
