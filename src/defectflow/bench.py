@@ -8,7 +8,8 @@ Layout of a bench folder:
     <out>/summary.md|csv|json, <out>/report.html
 
 A run whose run.json says "ok" is finished and never redone; a run without one (interrupted) or
-a failed one is started again from scratch. Run k trains with seed + k.
+a failed one is started again from scratch. Run k trains with seed + k. The runs go one after
+another in this process, or as tasks on a Ray cluster (bench_ray); execute_run does each either way.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import shutil
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -35,6 +36,10 @@ from .workflow import folder_section, report_evaluation, train_and_evaluate
 
 RUN_FILE = "run.json"
 PICTURE_CHOICES = ("first", "all", "none")
+EXECUTORS = ("local", "ray")
+
+if TYPE_CHECKING:
+    from .bench_ray import RaySettings
 
 
 @dataclass
@@ -95,6 +100,65 @@ def _config_json(method: str, options: dict[str, Any], seed: int) -> dict[str, A
     return json.loads(json.dumps(methods.create(method, **{**options, "seed": seed}).config.to_json()))
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """One category x method x run still to do: all a worker needs to train and record it
+    (plain data, so it can be shipped to another process or machine)."""
+
+    method: str
+    category: str
+    run: int
+    seed: int
+    data: Path | DataError  # the category folder, or why it could not be found: the run fails alone
+    options: dict[str, Any]  # the method's options, seed included
+    config: dict[str, Any]
+    data_root: str | None
+    pictures: bool
+
+    @property
+    def title(self) -> str:
+        return f"{self.method} on {self.category}, run {self.run} (seed {self.seed})"
+
+    def folder(self, out: Path) -> Path:
+        return out / self.method / self.category / f"run-{self.run}"
+
+
+def execute_run(spec: RunSpec, run_dir: Path, progress: bool, log: Callable[[str], None]) -> RunRecord:
+    """Train, evaluate and record one run in run_dir (emptied first: an interrupted or failed
+    run starts again from scratch). The one body of every executor, so a run's results do not
+    depend on where it ran; the run's own failure is recorded, not raised."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    record = RunRecord(spec.method, spec.category, spec.run, "failed", seed=spec.seed, config=spec.config, data_root=spec.data_root)
+    try:
+        if isinstance(spec.data, Exception):
+            raise spec.data
+        folder = AnomalyFolder.scan(spec.data)
+        detector = methods.create(spec.method, **spec.options)
+        evaluation, text, train_seconds = train_and_evaluate(
+            detector, folder, run_dir, progress, pictures=spec.pictures, html=False, keep_validation=False)
+        log(text)
+        if evaluation.prediction.failed:
+            log(f"  {len(evaluation.prediction.failed)} test image(s) could not be read and were left out: "
+                + "; ".join(evaluation.prediction.failed.values()))
+        record.status, record.metrics = "ok", evaluation.metrics
+        record.train_seconds, record.ms_per_image = train_seconds, evaluation.ms_per_image
+    except Exception as exc:  # noqa: BLE001 - one failing run must not lose the others
+        record.error = f"{type(exc).__name__}: {exc}"
+        atomic_write_text(run_dir / "error.txt", traceback.format_exc())
+        log(f"  FAILED: {record.error} (details in {run_dir / 'error.txt'})")
+    record.write(run_dir / RUN_FILE)
+    return record
+
+
+def _run_locally(todo: Sequence[RunSpec], out: Path, progress: bool, log: Callable[[str], None]) -> Iterator[RunRecord]:
+    """One run after another in this process."""
+    for index, spec in enumerate(todo, 1):
+        log(f"[{index}/{len(todo)}] {spec.title}")
+        yield execute_run(spec, spec.folder(out), progress, log)
+
+
 def run_bench(
     out: str | Path,
     dataset: str,
@@ -106,15 +170,24 @@ def run_bench(
     pictures: str = "first",
     progress: bool = True,
     log: Callable[[str], None] = print,
+    executor: str = "local",
+    ray_settings: RaySettings | None = None,
 ) -> list[RunRecord]:
     """Train and evaluate every (category, method, run) not finished yet; returns all records
-    (finished earlier or now) and writes the summary files."""
+    (finished earlier or now) and writes the summary files.
+
+    executor "local" runs them one after another here; "ray" as tasks on a Ray cluster
+    (settings in ray_settings, see bench_ray), with the same results and the same folder."""
     out = Path(out)
     options = options or {}
     if runs < 1:
         raise ConfigError(f"runs must be at least 1, got {runs}")
     if pictures not in PICTURE_CHOICES:
         raise ConfigError(f"pictures must be one of {PICTURE_CHOICES}, got {pictures!r}")
+    if executor not in EXECUTORS:
+        raise ConfigError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    if ray_settings is not None and executor != "ray":
+        raise ConfigError("Ray settings (--address, --cpus-per-run, ...) apply to --executor ray only.")
     unknown = sorted(set(method_names) - set(methods.METHODS)) + sorted(set(options) - set(method_names))
     if unknown:
         raise ConfigError(f"Unknown or unused method(s) {unknown}: --methods takes {', '.join(methods.METHODS)}, "
@@ -141,43 +214,24 @@ def run_bench(
                     "continue it with the same --root (and --dataset), or choose another --out."
                 )
             finished[(method, name, k)] = record
-    todo = [item for item in plan if (item[0], item[1], item[3]) not in finished]
+    todo = [
+        RunSpec(method, name, k, base_seed[method] + k, path, {**options.get(method, {}), "seed": base_seed[method] + k},
+                configs[method][k], data_roots[name], pictures == "all" or (pictures == "first" and k == 0))
+        for method, name, path, k in plan if (method, name, k) not in finished
+    ]
     log(f"bench: {len(plan)} runs, {len(finished)} already finished, {len(todo)} to do; results in {out}")
     legacy = sum(record.data_root is None for record in finished.values())
     if legacy:  # written before run.json recorded it: nothing to compare, so say what is assumed
         log(f"bench: {legacy} finished run(s) do not record their data (older defectflow); kept as made on {root}")
 
-    folders: dict[str, AnomalyFolder | Exception] = {}
-    for index, (method, name, path, k) in enumerate(todo, 1):
-        run_dir = out / method / name / f"run-{k}"
-        if run_dir.exists():  # an interrupted or failed run of this bench: start it again
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
-        seed = base_seed[method] + k
-        log(f"[{index}/{len(todo)}] {method} on {name}, run {k} (seed {seed})")
-        record = RunRecord(method, name, k, "failed", seed=seed, config=configs[method][k], data_root=data_roots[name])
-        try:
-            if name not in folders:
-                folders[name] = path if isinstance(path, Exception) else AnomalyFolder.scan(path)
-            folder = folders[name]
-            if isinstance(folder, Exception):
-                raise folder
-            detector = methods.create(method, **{**options.get(method, {}), "seed": seed})
-            draw = pictures == "all" or (pictures == "first" and k == 0)
-            evaluation, text, train_seconds = train_and_evaluate(
-                detector, folder, run_dir, progress, pictures=draw, html=False, keep_validation=False)
-            log(text)
-            if evaluation.prediction.failed:
-                log(f"  {len(evaluation.prediction.failed)} test image(s) could not be read and were left out: "
-                    + "; ".join(evaluation.prediction.failed.values()))
-            record.status, record.metrics = "ok", evaluation.metrics
-            record.train_seconds, record.ms_per_image = train_seconds, evaluation.ms_per_image
-        except Exception as exc:  # noqa: BLE001 - one failing run must not lose the others
-            record.error = f"{type(exc).__name__}: {exc}"
-            atomic_write_text(run_dir / "error.txt", traceback.format_exc())
-            log(f"  FAILED: {record.error} (details in {run_dir / 'error.txt'})")
-        record.write(run_dir / RUN_FILE)
-        finished[(method, name, k)] = record
+    if executor == "ray":
+        from .bench_ray import RaySettings, run_on_ray
+
+        done = run_on_ray(todo, out, ray_settings or RaySettings(), log)
+    else:
+        done = _run_locally(todo, out, progress, log)
+    for record in done:
+        finished[(record.method, record.category, record.run)] = record
     records = [finished[(m, name, k)] for m, name, _, k in plan]
     write_summary(out, records, f"defectflow bench: {dataset} {root}")
     return records

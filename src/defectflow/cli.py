@@ -15,7 +15,8 @@ from typing import Any, Sequence
 import torch
 
 from . import methods
-from .bench import evaluate_saved, find_checkpoints, run_bench
+from .bench import EXECUTORS, evaluate_saved, find_checkpoints, run_bench
+from .bench_ray import RaySettings
 from .checkpoint import CONFIG_FILE, check_target
 from .data import download as downloads
 from .data.elpv import prepare_elpv
@@ -186,10 +187,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return _report_failed(evaluation.prediction.failed, out / "results.json")
 
 
+RAY_FLAGS = {"address": "--address", "cpus_per_run": "--cpus-per-run", "gpus_per_run": "--gpus-per-run",
+             "max_retries": "--max-retries", "ship_results": "--ship-results"}
+
+
+def _ray_settings(args: argparse.Namespace) -> RaySettings | None:
+    """The --executor ray settings given; None for the local executor (which refuses them)."""
+    given = {name: getattr(args, name) for name in RAY_FLAGS if getattr(args, name) not in (None, False)}
+    if args.executor != "ray":
+        if given:
+            raise DefectflowError(f"Ray settings ({', '.join(RAY_FLAGS[n] for n in given)}) need --executor ray.")
+        return None
+    return RaySettings(**given)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     records = run_bench(
         args.out, args.dataset, args.root, args.categories, args.methods, args.runs, _bench_options(args),
-        pictures=args.pictures, progress=not args.quiet,
+        pictures=args.pictures, progress=not args.quiet, executor=args.executor, ray_settings=_ray_settings(args),
     )
     print((args.out / "summary.md").read_text())
     failed = [r for r in records if r.status != "ok"]
@@ -287,6 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--options", type=Path, help='JSON file of per-method options, e.g. {"cflow": {"meta_epochs": 2}}')
     bench.add_argument("--pictures", choices=["first", "all", "none"], default="first",
                        help="per-image panels and curves for the first run of each category, every run, or none")
+    bench.add_argument("--executor", choices=list(EXECUTORS), default="local",
+                       help="local: one run after another here (default); ray: each run a task on a Ray cluster "
+                            "(pip install 'defectflow[ray]')")
+    cluster = bench.add_argument_group("--executor ray")
+    cluster.add_argument("--address", help="Ray cluster to join, e.g. HEAD:6379 (default: RAY_ADDRESS, else the cluster "
+                                           "`ray start` made here, else a local Ray instance for this bench)")
+    cluster.add_argument("--cpus-per-run", type=float, help=f"CPUs each run reserves, and its torch threads (default {RaySettings.cpus_per_run:g})")
+    cluster.add_argument("--gpus-per-run", type=float, help=f"GPUs each run reserves, may be fractional (default {RaySettings.gpus_per_run:g})")
+    cluster.add_argument("--max-retries", type=int, help=f"tries again of a run whose worker died (default {RaySettings.max_retries})")
+    cluster.add_argument("--ship-results", action="store_true",
+                         help="send every run's files back to the driver to write under --out, even when workers see "
+                              "--out (without it they are sent only by workers that do not)")
     _add_config_options(bench)
 
     evaluate = command("eval", cmd_eval, "evaluate a checkpoint, or every checkpoint in a folder (e.g. a bench), on its test images")
