@@ -90,10 +90,14 @@ class ConditionalFlows(nn.Module):
         return log_likelihood_per_dim(self.flows[level], vectors, cond)
 
     def level_log_likelihood(self, level: int, features: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
-        """B x C x h x w features -> B x h x w log-likelihood per dimension, in chunks to bound memory."""
+        """B x C x h x w features -> B x h x w log-likelihood per dimension, in chunks to bound memory.
+
+        An exported graph is not chunked: a loop over the vector count would fix its batch size."""
         batch, channels, height, width = features.shape
         vectors = features.permute(0, 2, 3, 1).reshape(-1, channels)
         cond = self.condition(height, width, features.device).repeat(batch, 1)
+        if torch.compiler.is_exporting():
+            return self.vector_log_likelihood(level, vectors, cond).view(batch, height, width)
         out = torch.cat([
             self.vector_log_likelihood(level, vectors[i:i + chunk], cond[i:i + chunk])
             for i in range(0, vectors.shape[0], chunk)
