@@ -50,12 +50,13 @@ def trained(method: str, folder: AnomalyFolder, out: Path) -> tuple[Path, dict[s
 
 def exported(checkpoint: Path, folder: AnomalyFolder) -> dict:
     """Exports the checkpoint (ONNX, then INT8) unless a current export is there; the INT8 check."""
-    try:
-        defectflow.load(checkpoint, backend="openvino-int8")
-    except CheckpointError:
-        detector = defectflow.load(checkpoint, device="cpu")
-        path = export_onnx(detector, checkpoint, overwrite=True)
-        export_int8(detector, checkpoint, folder, path)
+    detector = defectflow.load(checkpoint, device="cpu")
+    for backend, export in (("openvino", lambda: export_onnx(detector, checkpoint, overwrite=True)),
+                            ("openvino-int8", lambda: export_int8(detector, checkpoint, folder))):
+        try:
+            defectflow.load(checkpoint, backend=backend)
+        except CheckpointError:
+            export()
     return json.loads(meta_path(int8_path(checkpoint / ONNX_FILE)).read_text())["check"]
 
 

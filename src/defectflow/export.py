@@ -104,10 +104,10 @@ def calibration_data(detector, folder: AnomalyFolder, count: int, progress: bool
 def export_int8(detector, checkpoint: str | Path, folder: AnomalyFolder, onnx: str | Path | None = None,
                 count: int = 64, progress: bool = False) -> tuple[Path, dict]:
     """Quantize the exported ONNX graph to INT8 with NNCF, calibrated on `folder`'s training
-    images, and write it beside it (model-int8.xml/.bin). Only the convolutions (the CNN
-    extractor and the classifier's decoder) are quantized: the flows' coupling layers and
-    log-determinants stay fp32, since a log-likelihood summed over many dimensions magnifies
-    INT8 rounding. Returns (path, check): the metrics of fp32 and INT8 OpenVINO on the synthetic
+    images, and write it beside it (model-int8.xml/.bin). Only the CNN extractor is quantized:
+    the heads stay fp32 (quantizing the flows too turned bottle's image AUROC on the validation
+    set from 100 to 50). Even so the flows magnify the extractor's INT8 rounding (cflow on bottle:
+    validation pixel AUROC 95.9 -> 89.2), so the check below is printed and a drop warned of. Returns (path, check): the metrics of fp32 and INT8 OpenVINO on the synthetic
     validation set (its defects, masks and the checkpoint's thresholds), or on the calibration
     images (score differences only) when the model was trained without one."""
     try:
@@ -124,8 +124,9 @@ def export_int8(detector, checkpoint: str | Path, folder: AnomalyFolder, onnx: s
     level = nncf.nncf_logger.level
     nncf.set_log_level(level if progress else logging.ERROR)  # its progress bars and notes
     try:
-        quantized = nncf.quantize(openvino_core().read_model(str(onnx)), nncf.Dataset(samples), subset_size=len(samples),
-                                  ignored_scope=nncf.IgnoredScope(types=["MatMul"]))
+        model = openvino_core().read_model(str(onnx))
+        kept = nncf.IgnoredScope(names=outside_extractor(onnx, model), validate=False)
+        quantized = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples), ignored_scope=kept)
     finally:
         nncf.set_log_level(level)
     path = int8_path(onnx)
@@ -135,6 +136,19 @@ def export_int8(detector, checkpoint: str | Path, folder: AnomalyFolder, onnx: s
     check = int8_check(detector, fp32, OpenVinoInt8Backend(checkpoint, onnx), train, validation)
     write_meta(checkpoint, path, files, fp32.outputs, detector.image_size, calibration_images=len(samples), check=check)
     return path, check
+
+
+def outside_extractor(onnx: Path, model) -> list[str]:
+    """Names of the OpenVINO model's operations that are not the CNN extractor's, from the module
+    path torch.onnx records on each ONNX node (OpenVINO names an operation after its ONNX node or output)."""
+    import onnx as onnx_format
+
+    outside = set()
+    for node in onnx_format.load(str(onnx), load_external_data=False).graph.node:
+        namespace = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
+        if "/model.extractor" not in namespace:
+            outside.update([node.name, *node.output])
+    return [op.get_friendly_name() for op in model.get_ops() if op.get_friendly_name() in outside]
 
 
 def int8_check(detector, fp32, int8, train: torch.Tensor, validation) -> dict:
