@@ -121,7 +121,9 @@ class ConditionalFlows(nn.Module):
         batch, channels, height, width = features.shape
         vectors = features.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
         cond = self.condition(height, width, features.device)
-        step = batch if torch.compiler.is_exporting() else max(1, chunk // (height * width))
+        if torch.compiler.is_exporting():
+            return grid_log_likelihood(self.flows[level], vectors, cond).view(batch, height, width)
+        step = max(1, chunk // (height * width))
         out = torch.cat([grid_log_likelihood(self.flows[level], vectors[i:i + step], cond) for i in range(0, batch, step)])
         return out.view(batch, height, width)
 
