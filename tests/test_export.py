@@ -24,8 +24,9 @@ TINY = {
 
 
 # INT8 against fp32 (a model trained for seconds, 6 test images, a 4-image validation set): the
-# metrics moved by up to 3.7 points (test pixel AUPR), the decisions not at all
-INT8_TOLERANCE = 0.06
+# decisions did not change, the metrics did, by up to 11.1 points (clscnf's AUPRO); quantizing
+# the flows as well moved image AUROC by 50 points on the full bottle model
+INT8_TOLERANCE = 0.15
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> float:
@@ -73,15 +74,14 @@ def test_exported_backends_give_the_same_maps_as_pytorch(method: str, small_bott
         assert abs(int8_eval.metrics[metric] - fp32_eval.metrics[metric]) <= INT8_TOLERANCE, metric
     assert np.corrcoef(fp32_eval.prediction.maps.ravel(), int8_eval.prediction.maps.ravel())[0, 1] > 0.8  # 0.92 measured
 
-    # the same `predict` command, any backend; on bottle's 20 good test images INT8 may flag one more than fp32
+    # the same `predict` command, any backend, in batches of 4 (a full one and a partial one)
+    images = [str(sample.path) for sample in small_bottle.test]
     for backend in BACKENDS:
-        out = tmp_path / backend
-        images = small_bottle.test[0].path.parent
-        assert main(["predict", str(images), "--checkpoint", str(checkpoint), "--backend", backend, "--batch-size", "4",
-                     "--out", str(out), "--quiet"]) == 0
+        assert main(["predict", *images, "--checkpoint", str(checkpoint), "--backend", backend, "--batch-size", "4",
+                     "--out", str(tmp_path / backend), "--quiet"]) == 0
     decisions = {b: [r["decision"] for r in csv.DictReader((tmp_path / b / "scores.csv").open())] for b in BACKENDS}
-    assert decisions["torch"] == decisions["onnx"] == decisions["openvino"]
-    assert sum(a != b for a, b in zip(decisions["torch"], decisions["openvino-int8"])) <= 1
+    assert len(decisions["torch"]) == len(images)
+    assert all(decisions[b] == decisions["torch"] for b in BACKENDS), decisions
 
     # an export from other weights is refused: change the weights, then put the old export back beside them
     exported = ("model.onnx", "model.onnx.json", "model-int8.xml", "model-int8.bin", "model-int8.xml.json")
