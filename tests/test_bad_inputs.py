@@ -406,8 +406,13 @@ def test_bench_killed_at_random_times_resumes_cleanly(corpus: Path, tmp_path: Pa
 def test_export_prints_a_command_that_works(trained, corpus: Path, tmp_path: Path, capsys) -> None:
     pytest.importorskip("onnxruntime")
     onnx = tmp_path / "elsewhere" / "x.onnx"
-    assert main(["export", "--checkpoint", str(trained[0]), "--out", str(onnx)]) == 0
-    command = capsys.readouterr().out.split("`")[1].split()
+    assert main(["export", "--checkpoint", str(trained[0]), "--out", str(onnx), "--int8", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    command = printed.split("`")[1].split()
     assert command[0] == "defectflow" and command[-1] == "IMAGES..."
+    # too few images for a validation set: the INT8 check falls back on the calibration (training) images
+    assert "INT8 vs fp32 on 6 training images (no test image)" in printed and (tmp_path / "elsewhere" / "x-int8.xml").is_file()
     images = corpus / "bottle" / "test" / "good"
     assert main([*command[1:-1], str(images), "--out", str(tmp_path / "p"), "--quiet"]) == 0
+    int8 = [*command[1:-1], "--backend", "openvino-int8"]
+    assert main([*int8, str(images), "--out", str(tmp_path / "q"), "--quiet"]) == 0

@@ -32,6 +32,22 @@ def test_log_likelihood_is_exact_change_of_variables() -> None:
     assert torch.allclose(x_back, x, atol=1e-4)
 
 
+def test_grid_log_likelihood_equals_the_flow_vector_by_vector() -> None:
+    """Inference computes each position's condition once for all images (grid_log_likelihood);
+    it must give what the FrEIA forward gives for every (vector, condition) pair."""
+    torch.manual_seed(0)
+    flows = ConditionalFlows([6, 10], cond_dim=8, n_blocks=3)
+    with torch.no_grad():
+        for parameter in flows.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))  # not the initial (partly zero) weights
+        features = torch.randn(3, 6, 4, 5)
+        expected = flows.vector_log_likelihood(
+            0, features.permute(0, 2, 3, 1).reshape(-1, 6), flows.condition(4, 5, features.device).repeat(3, 1)
+        ).view(3, 4, 5)
+        assert torch.allclose(flows.level_log_likelihood(0, features), expected, atol=1e-5)
+        assert torch.allclose(flows.level_log_likelihood(0, features, chunk=20), expected, atol=1e-5)  # one image per chunk
+
+
 def test_maps_have_feature_grid_shape() -> None:
     flows = ConditionalFlows([4, 8], cond_dim=8, n_blocks=1)
     out = flows([torch.randn(2, 4, 6, 6), torch.randn(2, 8, 3, 3)])

@@ -134,8 +134,9 @@ def test_non_square_images_through_every_method(method: str, bottle: Path, tmp_p
     np.testing.assert_allclose(again.maps, evaluation.prediction.maps, atol=1e-5)
     if method != "differnet":
         export_onnx(loaded, checkpoint)
-        onnx = defectflow.load(checkpoint, backend="onnx").predict(folder, progress=False)
-        np.testing.assert_allclose(onnx.maps, again.maps, atol=1e-4 * max(1.0, np.abs(again.maps).max()))
+        for backend in ("onnx", "openvino"):
+            exported = defectflow.load(checkpoint, backend=backend).predict(folder, progress=False)
+            np.testing.assert_allclose(exported.maps, again.maps, atol=1e-4 * max(1.0, np.abs(again.maps).max()))
 
 
 @pytest.mark.slow

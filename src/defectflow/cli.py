@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from . import methods
+from .backends import BACKENDS
 from .bench import EXECUTORS, evaluate_saved, find_checkpoints, run_bench
 from .bench_ray import RaySettings
 from .checkpoint import CONFIG_FILE, check_target
@@ -25,8 +26,9 @@ from .data.images import load_image
 from .data.synthetic import DefectSynthesizer, TextureSource, sample_generator
 from .data.named import DATASETS, category_root
 from .errors import DefectflowError, DefectflowWarning
-from .export import ONNX_FILE, export_onnx
-from .report import save_synthetic_grid, write_heatmaps, write_predictions
+from .export import ONNX_FILE, export_int8, export_onnx
+from .metrics import METRIC_NAMES, METRIC_TITLES
+from .report import markdown_table, save_synthetic_grid, write_heatmaps, write_predictions
 from .workflow import prepare_output, report_evaluation, train_and_evaluate
 
 
@@ -126,6 +128,16 @@ def _folder(args: argparse.Namespace, require_test: bool = True) -> AnomalyFolde
     raise DefectflowError("Give the data: --data DIR, or --dataset mvtec|btad --root DIR --category NAME.")
 
 
+def _given_or_trained_on(args: argparse.Namespace, detector, require_test: bool = True) -> tuple[AnomalyFolder, bool]:
+    """The category the data options name, else the one the checkpoint was trained on; and whether it was the latter."""
+    recorded = args.data is None and args.dataset is None
+    if recorded:
+        if detector.trained_on is None:
+            raise DefectflowError(f"{args.checkpoint} does not record the data it was trained on; give --data.")
+        args.data = Path(detector.trained_on["root"])
+    return _folder(args, require_test=require_test), recorded
+
+
 # -- commands ----------------------------------------------------------------------------------
 def _report_failed(failed: dict[Path, str], where: str) -> int:
     """Print the images that could not be read; the exit status: 1 when there were some."""
@@ -171,13 +183,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print((out / "summary.md").read_text())
         print(f"{sum(r.status == 'ok' for r in records)} of {len(records)} checkpoints evaluated; summary in {out}")
         return 0 if all(r.status == "ok" for r in records) else 1
-    detector = methods.load(args.checkpoint, device=args.device, backend=args.backend, onnx=args.onnx)
-    recorded = args.data is None and args.dataset is None
-    if recorded:
-        if detector.trained_on is None:
-            raise DefectflowError(f"{args.checkpoint} does not record the data it was trained on; give --data.")
-        args.data = Path(detector.trained_on["root"])  # the category it was trained on
-    folder = _folder(args)
+    detector = _inference_detector(args)
+    folder, recorded = _given_or_trained_on(args, detector)
     print(f"Evaluating {args.checkpoint} on {folder.root}" + (" (the data it was trained on; --data for other data)" if recorded else ""))
     out = prepare_output(args.out, f"eval-{folder.name}", args.overwrite)
     evaluation = detector.evaluate(folder, progress=not args.quiet)
@@ -213,8 +220,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
+def _inference_detector(args: argparse.Namespace):
+    """The checkpoint loaded for predict or eval with the chosen backend and batch size."""
     detector = methods.load(args.checkpoint, device=args.device, backend=args.backend, onnx=args.onnx)
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise DefectflowError(f"--batch-size must be at least 1, got {args.batch_size}")
+        detector.config.batch_size = args.batch_size
+    return detector
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    detector = _inference_detector(args)
     samples = samples_from_paths(args.images)
     out = prepare_output(args.out, "predict", args.overwrite)
     prediction = detector.predict(samples, progress=not args.quiet)
@@ -237,10 +254,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> None:
     detector = methods.load(args.checkpoint, device="cpu")
+    if args.int8:  # the calibration data is found before the slow export
+        folder, _ = _given_or_trained_on(args, detector, require_test=False)
     path = export_onnx(detector, args.checkpoint, args.out, overwrite=args.overwrite)
     custom = "" if path == Path(args.checkpoint) / ONNX_FILE else f" --onnx {path}"
     print(f"Exported {detector.method} to {path}; run it with "
-          f"`defectflow predict --backend onnx --checkpoint {args.checkpoint}{custom} IMAGES...`")
+          f"`defectflow predict --backend onnx --checkpoint {args.checkpoint}{custom} IMAGES...` (or --backend openvino)")
+    if args.int8:
+        int8, check = export_int8(detector, args.checkpoint, folder, path, args.calibration_images, progress=not args.quiet)
+        print(int8_report(check))
+        print(f"INT8 model written to {int8}; run it with --backend openvino-int8")
+
+
+def int8_report(check: dict) -> str:
+    """export --int8's check as printed: fp32 vs INT8 OpenVINO on the data calibration was given."""
+    lines = [f"INT8 vs fp32 on {check['images']} {check['data']} (no test image): largest score difference "
+             f"{check['max_score_diff']:.4g}, largest map difference {check['max_map_diff']:.4g} (relative)"]
+    if "same_decisions" in check:
+        lines.append(f"same OK/DEFECT decision on {check['same_decisions']} of {check['images']} images")
+    if "fp32" in check:
+        rows = [[METRIC_TITLES[m], f"{100 * check['fp32'][m]:.2f}", f"{100 * check['int8'][m]:.2f}",
+                 f"{100 * (check['int8'][m] - check['fp32'][m]):+.2f}"] for m in METRIC_NAMES if check["fp32"][m] is not None]
+        lines.append(markdown_table(["metric", "fp32", "INT8", "change (points)"], rows))
+    return "\n".join(lines)
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
@@ -265,6 +301,16 @@ def cmd_synth(args: argparse.Namespace) -> None:
 def cmd_download(args: argparse.Namespace) -> None:
     root = downloads.fetch(args.name, args.root, url=args.url, sha256=args.sha256, progress=not args.quiet)
     print(f"{args.name} is ready in {root}")
+
+
+def _add_inference_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=list(BACKENDS), default="torch",
+                        help="torch; onnx: the exported model.onnx with onnxruntime; openvino: the same file with OpenVINO; "
+                             "openvino-int8: its INT8 model (export --int8). See `export`")
+    parser.add_argument("--onnx", type=Path, help="with an exported backend: an ONNX file exported with `export --out` "
+                                                  "(default: <checkpoint>/model.onnx)")
+    parser.add_argument("--batch-size", type=int, help="images per inference run (default: the checkpoint's batch_size; "
+                                                       "1 for the lowest latency per image)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,8 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--pictures", action=argparse.BooleanOptionalAction, default=None,
                           help="write per-image panels, curves and report.html (default: on for one checkpoint, off for a folder)")
     evaluate.add_argument("--device", help="override the checkpoint's device (cpu, cuda)")
-    evaluate.add_argument("--backend", choices=methods.BACKENDS, default="torch", help="onnx: run the exported model.onnx")
-    evaluate.add_argument("--onnx", type=Path, help="with --backend onnx: an ONNX file exported with `export --out` (default: <checkpoint>/model.onnx)")
+    _add_inference_options(evaluate)
     _add_data_options(evaluate)
 
     predict = command("predict", cmd_predict, "score images or folders of images with a checkpoint")
@@ -334,14 +379,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, help="output folder (default: runs/predict-<time>)")
     predict.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     predict.add_argument("--device", help="override the checkpoint's device (cpu, cuda)")
-    predict.add_argument("--backend", choices=methods.BACKENDS, default="torch",
-                         help="onnx: run the checkpoint's exported model.onnx with onnxruntime (see `export`)")
-    predict.add_argument("--onnx", type=Path, help="with --backend onnx: an ONNX file exported with `export --out` (default: <checkpoint>/model.onnx)")
+    _add_inference_options(predict)
 
     export = command("export", cmd_export, "export a checkpoint's whole inference path to ONNX (cflow, clscnf)")
     export.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder from `train`")
     export.add_argument("--out", type=Path, help="ONNX file to write (default: <checkpoint>/model.onnx, what --backend onnx reads)")
-    export.add_argument("--overwrite", action="store_true", help="replace an existing ONNX file")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing ONNX file (and its INT8 model)")
+    export.add_argument("--int8", action="store_true",
+                        help="also write an OpenVINO INT8 model beside it (model-int8.xml), calibrated on the training images "
+                             "and the synthetic validation set (never test images), and print its metrics against fp32 there")
+    export.add_argument("--calibration-images", type=int, default=64, help="with --int8: training images to calibrate on")
+    _add_data_options(export)
 
     synth = command("synth", cmd_synth, "write a picture of synthetic defects on a category's training images")
     synth.add_argument("--out", type=Path, required=True, help="PNG file to write")

@@ -13,6 +13,7 @@ from typing import Sequence
 import FrEIA.framework as Ff
 import FrEIA.modules as Fm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -65,12 +66,36 @@ def conditional_flow(channels: int, cond_dim: int, n_blocks: int, clamp: float) 
     return flow
 
 
+def _per_dim(z: torch.Tensor, log_jac_det: torch.Tensor) -> torch.Tensor:
+    """log p / C of N x C latents under the standard normal, with the flow's log-determinant."""
+    channels = z.shape[1]
+    return (-0.5 * (z.pow(2).sum(dim=1) + channels * _LOG_2PI) + log_jac_det) / channels
+
+
 def log_likelihood_per_dim(flow: Ff.SequenceINN, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
     """log p(x | cond) / C for N x C vectors under the flow (standard normal base)."""
-    z, log_jac_det = flow(x, c=[cond])
-    channels = x.shape[1]
-    log_p = -0.5 * (z.pow(2).sum(dim=1) + channels * _LOG_2PI) + log_jac_det
-    return log_p / channels
+    return _per_dim(*flow(x, c=[cond]))
+
+
+def grid_log_likelihood(flow: Ff.SequenceINN, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """log_likelihood_per_dim for B x P x C vectors at P grid positions whose conditions (P x
+    cond_dim) all B images share, as B x P. Each coupling subnet's first layer is split into its
+    vector and condition parts, and the condition part is computed once per position instead of
+    once per vector: at 256 x 256 that is half of the flows' arithmetic (an exported graph folds
+    it into a constant). Equal to the FrEIA forward up to float rounding (conditional_flow's
+    blocks: no reverse pre-permutation, no Householder, one condition)."""
+    batch, positions, channels = x.shape
+    x = x.reshape(batch * positions, channels)
+    log_jac_det = torch.zeros(batch * positions, dtype=x.dtype, device=x.device)
+    for block in flow.module_list:
+        first, activation, second = block.subnet
+        x1, x2 = torch.split(x, block.splits, dim=1)
+        width = x1.shape[1]
+        hidden = F.linear(x1, first.weight[:, :width]).view(batch, positions, -1) + F.linear(cond, first.weight[:, width:], first.bias)
+        x2, coupling_jac = block._affine(x2, second(activation(hidden)).view(batch * positions, -1))
+        x, scaling_jac = block._permute(torch.cat((x1, x2), 1))
+        log_jac_det = log_jac_det + coupling_jac + scaling_jac
+    return _per_dim(x, log_jac_det).view(batch, positions)
 
 
 class ConditionalFlows(nn.Module):
@@ -90,14 +115,16 @@ class ConditionalFlows(nn.Module):
         return log_likelihood_per_dim(self.flows[level], vectors, cond)
 
     def level_log_likelihood(self, level: int, features: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
-        """B x C x h x w features -> B x h x w log-likelihood per dimension, in chunks to bound memory."""
+        """B x C x h x w features -> B x h x w log-likelihood per dimension, in chunks of whole
+        images (about `chunk` vectors) to bound memory. An exported graph is not chunked: a loop
+        over the batch would fix its batch size."""
         batch, channels, height, width = features.shape
-        vectors = features.permute(0, 2, 3, 1).reshape(-1, channels)
-        cond = self.condition(height, width, features.device).repeat(batch, 1)
-        out = torch.cat([
-            self.vector_log_likelihood(level, vectors[i:i + chunk], cond[i:i + chunk])
-            for i in range(0, vectors.shape[0], chunk)
-        ])
+        vectors = features.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        cond = self.condition(height, width, features.device)
+        if torch.compiler.is_exporting():
+            return grid_log_likelihood(self.flows[level], vectors, cond).view(batch, height, width)
+        step = max(1, chunk // (height * width))
+        out = torch.cat([grid_log_likelihood(self.flows[level], vectors[i:i + step], cond) for i in range(0, batch, step)])
         return out.view(batch, height, width)
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import read_checkpoint
+from ..backends import BACKENDS
 from ..errors import CheckpointError, ConfigError
 from .base import Detector, DetectorConfig, Evaluation, Prediction
 from .cflow import CFlowConfig, CFlowDetector
@@ -24,17 +25,14 @@ def create(method: str, **options: Any) -> Detector:
     return METHODS[method](**options)
 
 
-BACKENDS = ("torch", "onnx")
-
-
 def load(path: str | Path, device: str | None = None, backend: str = "torch", onnx: str | Path | None = None) -> Detector:
-    """A trained detector from a checkpoint folder written by Detector.save; backend "onnx" runs
-    the graph exported into that folder (defectflow export), or the file `onnx`, with onnxruntime
-    instead of PyTorch."""
+    """A trained detector from a checkpoint folder written by Detector.save. backend "onnx" runs
+    the graph exported into that folder (defectflow export), or the file `onnx`, with onnxruntime;
+    "openvino" the same graph with OpenVINO; "openvino-int8" its INT8 model (export --int8)."""
     if backend not in BACKENDS:
         raise ConfigError(f"Unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}.")
-    if onnx is not None and backend != "onnx":
-        raise ConfigError("An ONNX file (--onnx) is run with --backend onnx.")
+    if onnx is not None and BACKENDS[backend] is None:
+        raise ConfigError(f"An exported file (--onnx) is run with --backend {' or '.join(b for b, c in BACKENDS.items() if c)}.")
     meta, state = read_checkpoint(path)
     method = meta.get("method")
     if method not in METHODS:
@@ -43,11 +41,8 @@ def load(path: str | Path, device: str | None = None, backend: str = "torch", on
     root = detector.trained_on["root"] if detector.trained_on else None
     if root is not None and not Path(root).is_absolute():  # older checkpoints: relative to the checkpoint, not the cwd
         detector.trained_on = {**detector.trained_on, "root": os.path.normpath(Path(path).absolute() / root)}
-    if backend == "onnx":
-        from ..export import OnnxBackend
-
-        detector.backend = OnnxBackend(path, onnx)
+    if BACKENDS[backend] is not None:
+        detector.backend = BACKENDS[backend](path, onnx)
     return detector
 
-
-__all__ = ["METHODS", "CFlowConfig", "CFlowDetector", "ClsCNFConfig", "ClsCNFDetector", "DifferNetConfig", "DifferNetDetector", "Detector", "DetectorConfig", "Evaluation", "Prediction", "create", "load"]
+__all__ = ["BACKENDS", "METHODS", "CFlowConfig", "CFlowDetector", "ClsCNFConfig", "ClsCNFDetector", "DifferNetConfig", "DifferNetDetector", "Detector", "DetectorConfig", "Evaluation", "Prediction", "create", "load"]

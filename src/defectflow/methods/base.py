@@ -12,9 +12,10 @@ import time
 import types
 import typing
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..backends import Backend
 from ..checkpoint import save_checkpoint
 from ..data.folder import (
     IN_MEMORY, AnomalyFolder, ImageDataset, Sample, check_training_images, fitted_size, load_images, load_sample_mask,
@@ -36,6 +38,7 @@ from ..metrics import compute_metrics
 from ..scoring import IMAGE_REDUCTIONS, image_scores
 from ..thresholds import RULES, Thresholds, choose_thresholds
 
+T = TypeVar("T")
 
 # Added after checkpoints of format 1 were first written: older checkpoints lack these options,
 # and load with the values that give their behaviour, and these buffers, which load with their
@@ -308,6 +311,18 @@ def hold_out(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[lis
     return [samples[i] for i in sorted(order[:n_held])], [samples[i] for i in sorted(order[n_held:])]
 
 
+def prefetched(items: Iterable[T]) -> Iterator[T]:
+    """The items, each read by a thread while the previous one is used: in predict, decoding and
+    resizing the next batch of images (PIL and torch release the GIL) overlaps inference of this one."""
+    end = object()
+    iterator = iter(items)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="defectflow-read") as pool:
+        pending = pool.submit(next, iterator, end)
+        while (item := pending.result()) is not end:
+            pending = pool.submit(next, iterator, end)
+            yield item
+
+
 class Detector:
     """Base class. Subclasses set `method`, `config_class`, and implement build_model and _fit."""
 
@@ -328,7 +343,7 @@ class Detector:
         self.thresholds: Thresholds | None = None
         self.trained_on: dict[str, str] | None = None  # the category folder fit() was given (absolute), if any
         self.threshold_note: str | None = None  # why there are no thresholds, when there are none
-        self.backend: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None  # e.g. an ONNX session
+        self.backend: Backend | None = None  # an exported graph's runtime instead of the torch model
 
     # -- what a method provides -------------------------------------------------------------
     def build_model(self, pretrained: bool) -> nn.Module:
@@ -454,11 +469,13 @@ class Detector:
         failed: dict[Path, str] = {}
 
         def readable_batches() -> Iterable[torch.Tensor]:
-            for batch in tqdm(self.loader(samples, tolerate=True), desc="predict", disable=not progress, leave=False):
-                ok = torch.tensor([not error for error in batch["error"]])
-                failed.update({samples[int(i)].path: e for i, e in zip(batch["index"], batch["error"]) if e})
-                if ok.any():
-                    yield batch["image"][ok]
+            with tqdm(total=len(samples), desc="predict", unit="img", disable=not progress, leave=False) as bar:
+                for batch in prefetched(self.loader(samples, tolerate=True)):
+                    ok = torch.tensor([not error for error in batch["error"]])
+                    failed.update({samples[int(i)].path: e for i, e in zip(batch["index"], batch["error"]) if e})
+                    if ok.any():
+                        yield batch["image"][ok]
+                    bar.update(len(ok))  # after the batch's inference: the rate shown is images/s end to end
 
         prediction = self._predict_batches(readable_batches(), [])
         prediction.paths = [s.path for s in samples if s.path not in failed]
@@ -470,7 +487,7 @@ class Detector:
         return self._predict_batches(images.split(self.config.batch_size), [])
 
     def forward_batch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The model's outputs for one batch; an exported (ONNX) backend replaces only this."""
+        """The model's outputs for one batch; an exported backend (backends.py) replaces only this."""
         if self.backend is not None:
             return self.backend(images)
         return self._require_model().eval()(images.to(self.device))
