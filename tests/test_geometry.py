@@ -152,11 +152,12 @@ def test_tiled_model_on_large_images_and_a_square_checkpoint_of_the_earlier_form
     square = defectflow.create("cflow", input_size=64, **TINY["cflow"]).fit(folder, progress=False)
     meta, state = read_checkpoint(square.save(tmp_path / "new"))
     config = dict(meta["config"], input_size=64)
-    for key in ("tile_size", "tile_overlap", "mask_resampling"):
+    for key in ("tile_size", "tile_overlap", "mask_resampling", "train_precision"):
         config.pop(key)
     state = {name: value for name, value in state.items() if not name.startswith("guard.")}  # nor a frame guard
     old = save_checkpoint(tmp_path / "old", "cflow", config, state, extra={k: meta[k] for k in ("thresholds", "trained_on")})
     with pytest.warns(UserWarning, match="predates the frame guard"):
         loaded = defectflow.load(old)
     assert loaded.image_size == (64, 64) and loaded.config.mask_resampling == "cover"
+    assert loaded.config.train_precision == "fp32"  # how checkpoints before the option were trained
     assert loaded.predict(folder, progress=False).maps.shape == (4, 64, 64)
