@@ -145,6 +145,8 @@ def train_flows(
     epoch instead leaves a coarse level (a few vectors per image) with a few dozen steps in all and
     its flow far from fitted: on MVTec bottle the stride-32 flow's NLL per dimension on held-out
     good images was 1.21 after the 48 steps that gave it, 0.11 after 1,000 (benchmarks/flow_steps_bottle.py).
+    With bf16 training (config.train_precision) the coupling subnetworks' matrix products, most of
+    a step's arithmetic, run in bfloat16; the likelihood itself stays float32 (heads/flows.py).
     """
     device = features[0].device
     vectors = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features]
