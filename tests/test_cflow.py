@@ -4,10 +4,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import defectflow
 from defectflow.data.folder import AnomalyFolder
 from defectflow.errors import CheckpointError, ConfigError
+from defectflow.methods.base import hold_out
 
 TINY = dict(input_size=128, meta_epochs=1, sub_epochs=2, fiber_batch=512, lr=1e-3, batch_size=8)
 
@@ -34,6 +36,23 @@ def test_calibration_uses_training_data_only(trained: defectflow.Detector, small
     train_maps = trained.predict(list(small_bottle.train[:4]), progress=False).maps
     assert np.median(train_maps) == pytest.approx(0.0, abs=0.5)  # normal pixels sit near 0
     assert train_maps.max() <= 1.0 + 1e-4
+
+
+def test_image_score_is_relative_to_each_pixels_normal_level(trained: defectflow.Detector, small_bottle: AnomalyFolder) -> None:
+    """The level is mean + 2 sd (at least 0) of the maps of the images the flows were calibrated on;
+    the score is the max of the map above it, and the map itself is left as it is."""
+    _, kept = hold_out(list(small_bottle.train), trained.config.val_fraction, trained.config.seed)
+    maps = torch.from_numpy(trained.predict(kept, progress=False).maps)
+    expected = (maps.mean(dim=0) + 2 * maps.std(dim=0, correction=0)).clamp_min(0)
+    level = trained.model.scorer.position_low
+    torch.testing.assert_close(level, expected, atol=1e-3, rtol=1e-3)
+    assert level.std() > 0.01  # a level that varies over the image, not a constant
+    test = trained.predict(list(small_bottle.test), progress=False)
+    np.testing.assert_allclose(test.scores, (test.maps - level.numpy()).reshape(len(test.maps), -1).max(axis=1), rtol=1e-5)
+    off = defectflow.create("cflow", **TINY, position_reference=False).fit(small_bottle, progress=False)
+    assert not off.model.scorer.position_low.any()
+    plain = off.predict(list(small_bottle.test), progress=False)
+    np.testing.assert_allclose(plain.scores, plain.maps.reshape(len(plain.maps), -1).max(axis=1), rtol=1e-6)
 
 
 def test_save_load_gives_the_same_scores(trained: defectflow.Detector, small_bottle: AnomalyFolder, tmp_path: Path) -> None:

@@ -40,8 +40,9 @@ from ..thresholds import RULES, Thresholds, choose_thresholds
 # Added after checkpoints of format 1 were first written: older checkpoints lack these options,
 # and load with the values that give their behaviour, and these buffers, which load with their
 # defaults (the guard uncalibrated, the heads' scales the identity).
-LEGACY_OPTIONS: dict[str, Any] = {"tile_size": None, "tile_overlap": 64, "mask_resampling": "cover", "train_precision": "fp32"}
-ADDED_LATER = ("guard.", "head_low", "head_high")
+LEGACY_OPTIONS: dict[str, Any] = {"tile_size": None, "tile_overlap": 64, "mask_resampling": "cover", "position_reference": False,
+                                   "train_precision": "fp32"}
+ADDED_LATER = ("guard.", "head_low", "head_high", "scorer.position_low")
 
 
 PRECISIONS = ("auto", "bf16", "fp32")

@@ -88,7 +88,7 @@ class ClsCNFConfig(CFlowConfig):
 
 
 class ClsCNFModel(nn.Module):
-    """images -> {"map": fused, "flow": calibrated flow map, "classifier": defect probability, "frame": guard deviations}.
+    """images -> {"map": fused, "score", "flow": calibrated flow map, "classifier": defect probability, "frame": guard deviations}.
 
     One pass through the extractor feeds both heads when shared; otherwise the flows have an
     extractor of their own.
@@ -131,7 +131,9 @@ class ClsCNFModel(nn.Module):
         classifier = torch.sigmoid(self.classifier_logits(features))[:, 0]
         flow = self.scorer(self.flow_features(images, features))
         flow_part, classifier_part = (normalise(head, low, high) for head, low, high in zip((flow, classifier), self.head_low, self.head_high))
-        return {"map": flow_part + self.fusion_weight * classifier_part, "flow": flow, "classifier": classifier,
+        fused = flow_part + self.fusion_weight * classifier_part
+        flow_scale = 1.0 / (self.head_high[0] - self.head_low[0]).clamp_min(1e-12)  # the flow map's scale in the fused map
+        return {"map": fused, "score": self.scorer.image_score(fused, flow_scale), "flow": flow, "classifier": classifier,
                 "frame": self.guard(images, features[-1])}
 
 
@@ -202,7 +204,7 @@ class ClsCNFDetector(Detector):
             lambda batch: model.flow_features(batch, model.extractor(batch)), images.split(c.batch_size), self.device
         )
         self.loss_history = train_flows(model.scorer.flows, features, c, progress)
-        model.scorer.calibrate(features)
+        model.scorer.calibrate(features, c.position_reference)
         self.fit_seconds["flows"] = time.perf_counter() - start
 
         self.set_fusion(c.fusion)
