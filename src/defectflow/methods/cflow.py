@@ -189,28 +189,27 @@ def train_flows(
         lambda step: lr_factor(step, steps_per_epoch * config.sub_epochs, config.meta_epochs, config.warmup_meta_epochs),
     )
     epochs = config.meta_epochs * config.sub_epochs
-    bf16 = use_bf16(config.train_precision, device)
     history = []
     flows.train()
     bar = tqdm(range(epochs), desc="train flows", disable=not progress)
-    for _ in bar:
-        total, count = torch.zeros((), device=device), 0  # summed on the device: no host sync per step
-        for level, (level_vectors, cond) in enumerate(zip(vectors, conditions)):
-            passes = math.ceil(per_epoch / len(level_vectors))
-            order = torch.cat([torch.randperm(len(level_vectors), device=device) for _ in range(passes)])[:per_epoch]
-            for start in range(0, len(order), config.fiber_batch):
-                index = order[start:start + config.fiber_batch]
-                with bf16_subnets(flows, bf16):
+    with bf16_subnets(flows, use_bf16(config.train_precision, device)):
+        for _ in bar:
+            total, count = torch.zeros((), device=device), 0  # summed on the device: no host sync per step
+            for level, (level_vectors, cond) in enumerate(zip(vectors, conditions)):
+                passes = math.ceil(per_epoch / len(level_vectors))
+                order = torch.cat([torch.randperm(len(level_vectors), device=device) for _ in range(passes)])[:per_epoch]
+                for start in range(0, len(order), config.fiber_batch):
+                    index = order[start:start + config.fiber_batch]
                     log_likelihood = flows.vector_log_likelihood(level, level_vectors[index], cond[index % positions[level]])
-                loss = -log_likelihood.mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                total += loss.detach() * len(index)
-                count += len(index)
-        history.append(total.item() / count)
-        bar.set_postfix(nll=f"{history[-1]:.4f}")
+                    loss = -log_likelihood.mean()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    total += loss.detach() * len(index)
+                    count += len(index)
+            history.append(total.item() / count)
+            bar.set_postfix(nll=f"{history[-1]:.4f}")
     flows.eval()
     return history
 
