@@ -9,6 +9,7 @@ import torch
 import defectflow
 from defectflow.data.folder import AnomalyFolder
 from defectflow.methods.differnet import rotations
+import torchvision.transforms.v2.functional as TF
 
 TINY = dict(input_size=128, meta_epochs=3, sub_epochs=4, augment_copies=2, test_rotations=2, vector_batch=8,
             subnet_width=128, coupling_blocks=4, lr=1e-3)
@@ -16,7 +17,7 @@ TINY = dict(input_size=128, meta_epochs=3, sub_epochs=4, augment_copies=2, test_
 
 @pytest.fixture(scope="module")
 def trained(small_bottle: AnomalyFolder) -> defectflow.Detector:
-    return defectflow.create("differnet", **TINY).fit(small_bottle, progress=False)
+    return defectflow.create("differnet", **TINY).fit(small_bottle, progress=False, log_test=True)
 
 
 def test_epoch_log_reports_last_and_best(trained) -> None:
@@ -41,6 +42,36 @@ def test_score_is_mean_squared_latent_over_rotations(trained, small_bottle: Anom
     prediction = trained.predict(list(small_bottle.test[:2]), progress=False)
     np.testing.assert_allclose(prediction.scores, expected.numpy(), rtol=1e-4)
     assert rotations(4) == [0.0, 90.0, 180.0, 270.0]
+
+
+def test_rotations_are_batched_in_few_forward_passes(trained, small_bottle: AnomalyFolder, monkeypatch) -> None:
+    """Scoring 2 images at 4 rotations: the gradient pass (rotation 0) and one batched pass for the
+    other 3 rotations, each of the model's 3 scales: 6 extractor calls, not 2 x 4 x 3 + 2."""
+    import defectflow.methods.differnet as differnet
+    from defectflow.data.folder import load_images
+
+    model = trained.model
+    images = load_images(small_bottle.test[:2], 128)
+    monkeypatch.setattr(model, "test_rotations", 4)
+    shapes = []
+    original = model.extractor.forward
+    monkeypatch.setattr(model.extractor, "forward", lambda x: shapes.append(tuple(x.shape)) or original(x))
+    with torch.no_grad():
+        out = model(images)
+    assert len(shapes) == 6 and shapes[3][0] == 3 * 2
+    with torch.no_grad():
+        expected = torch.stack([model.latent_sq_norm(model.embed(TF.rotate(images, a))) for a in rotations(4)]).mean(0)
+    torch.testing.assert_close(out["score"], expected, rtol=1e-4, atol=1e-6)
+    monkeypatch.setattr(differnet, "ROTATION_CHUNK", 4)  # chunked passes give the same vectors
+    torch.testing.assert_close(model.embed_rotations(images, [0.0, 90.0, 180.0]),
+                               torch.stack([model.embed(TF.rotate(images, a)) for a in (0.0, 90.0, 180.0)]), rtol=1e-4, atol=1e-5)
+
+
+def test_defaults_are_cpu_practical_and_test_logging_opt_in(small_bottle: AnomalyFolder) -> None:
+    config = defectflow.create("differnet").config
+    assert (config.meta_epochs, config.test_rotations) == (4, 4)  # the paper: 24 and 64
+    detector = defectflow.create("differnet", **{**TINY, "meta_epochs": 1}).fit(small_bottle, progress=False)
+    assert "test_auroc" not in detector.epoch_log[0] and detector.epoch_summary() == {}
 
 
 def test_vector_is_pooled_features_at_three_scales(trained) -> None:

@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from defectflow.heads.flows import ConditionalFlows, positional_encoding_2d
+from defectflow.errors import ConfigError
+from defectflow.heads.flows import ConditionalFlows, bf16_subnets, positional_encoding_2d
+from defectflow.methods.base import native_bf16, use_bf16
 from defectflow.methods.cflow import CFlowConfig, lr_factor, train_flows
 
 
@@ -99,3 +101,24 @@ def test_every_level_takes_the_same_steps_and_sees_all_its_vectors() -> None:
     seen = {0: [], 1: []}
     train_flows(flows, features, CFlowConfig(fiber_batch=16, epoch_vectors=10_000, meta_epochs=1, sub_epochs=1), progress=False)
     assert len(seen[0]) == len(seen[1]) == 8
+
+
+def test_bf16_subnets_change_only_the_subnetworks_and_only_inside_the_block() -> None:
+    torch.manual_seed(0)
+    flows = ConditionalFlows([16], cond_dim=8, n_blocks=2)
+    x, cond = torch.randn(64, 16), torch.randn(64, 8)
+    exact = flows.vector_log_likelihood(0, x, cond)
+    with bf16_subnets(flows):
+        fast = flows.vector_log_likelihood(0, x, cond)
+        z, _ = flows.flows[0](x, c=[cond])
+    assert fast.dtype == z.dtype == torch.float32  # the coupling and the log-determinant stay float32
+    assert not torch.equal(fast, exact) and torch.allclose(fast, exact, atol=0.05)
+    assert torch.equal(flows.vector_log_likelihood(0, x, cond), exact)  # off again after the block
+
+
+def test_train_precision_auto_follows_the_device() -> None:
+    cpu = torch.device("cpu")
+    assert use_bf16("bf16", cpu) and not use_bf16("fp32", cpu)
+    assert use_bf16("auto", cpu) == native_bf16(cpu)
+    with pytest.raises(ConfigError, match="train_precision must be one of"):
+        CFlowConfig(train_precision="fp16").validate()

@@ -153,7 +153,7 @@ def test_tiled_model_on_large_images_and_a_square_checkpoint_of_the_earlier_form
     square = defectflow.create("cflow", input_size=64, **TINY["cflow"]).fit(folder, progress=False)
     meta, state = read_checkpoint(square.save(tmp_path / "new"))
     config = dict(meta["config"], input_size=64)
-    for key in ("tile_size", "tile_overlap", "mask_resampling", "position_reference"):
+    for key in ("tile_size", "tile_overlap", "mask_resampling", "position_reference", "train_precision"):
         config.pop(key)
     # nor a frame guard or per-pixel normal levels
     state = {name: value for name, value in state.items() if not name.startswith(("guard.", "scorer.position_low"))}
@@ -162,4 +162,5 @@ def test_tiled_model_on_large_images_and_a_square_checkpoint_of_the_earlier_form
         loaded = defectflow.load(old)
     assert loaded.image_size == (64, 64) and loaded.config.mask_resampling == "cover"
     assert not loaded.config.position_reference and not loaded.model.scorer.position_low.any()
+    assert loaded.config.train_precision == "fp32"  # how checkpoints before the option were trained
     assert loaded.predict(folder, progress=False).maps.shape == (4, 64, 64)

@@ -85,6 +85,9 @@ class FeatureExtractor(nn.Module):
             self.body, mean, std = self._build_torchvision(name, pretrained, weights)
         else:
             self.body, mean, std = self._build_timm(name, pretrained, weights)
+        # channels-last: the layout oneDNN's (and cuDNN's) fast convolutions use; on this project's
+        # CPU it made lite0's forward 1.6x faster with the same features (within 1e-4)
+        self.body.to(memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.train(False)  # before the probe: a forward pass in train mode would move BatchNorm statistics
@@ -155,5 +158,5 @@ class FeatureExtractor(nn.Module):
         return self._untiled(images)
 
     def _untiled(self, images: torch.Tensor) -> list[torch.Tensor]:
-        features = self.body((images - self.mean) / self.std)
+        features = self.body(((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last))
         return list(features.values()) if isinstance(features, dict) else list(features)

@@ -43,8 +43,12 @@ T = TypeVar("T")
 # Added after checkpoints of format 1 were first written: older checkpoints lack these options,
 # and load with the values that give their behaviour, and these buffers, which load with their
 # defaults (the guard uncalibrated, the heads' scales the identity).
-LEGACY_OPTIONS: dict[str, Any] = {"tile_size": None, "tile_overlap": 64, "mask_resampling": "cover", "position_reference": False}
+LEGACY_OPTIONS: dict[str, Any] = {"tile_size": None, "tile_overlap": 64, "mask_resampling": "cover", "position_reference": False,
+                                   "train_precision": "fp32"}
 ADDED_LATER = ("guard.", "head_low", "head_high", "scorer.position_low")
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def option(default: Any, help: str) -> Any:
@@ -85,6 +89,11 @@ class DetectorConfig:
     seed: int = option(0, "random seed for weights, shuffling and sampling")
     device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
     num_workers: int = option(0, "data-loading worker processes")
+    train_precision: str = option(
+        "auto", "arithmetic of training: bf16 (bfloat16 autocast of the networks' matrix products and convolutions), "
+        "fp32, or auto (bf16 where the device computes it natively: CPUs with AVX-512 BF16 or AMX, CUDA GPUs from "
+        "Ampere on; fp32 elsewhere, where bf16 would be slower). Inference is float32 whatever this says",
+    )
 
     def validate(self) -> None:
         """Every option checked before any work starts: a bad value fails in a second, not after training."""
@@ -113,6 +122,8 @@ class DetectorConfig:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.threshold_rule not in RULES:
             raise ConfigError(f"threshold_rule must be one of {RULES}, got {self.threshold_rule!r}")
+        if self.train_precision not in PRECISIONS:
+            raise ConfigError(f"train_precision must be one of {PRECISIONS}, got {self.train_precision!r}")
         if not 0.0 <= self.target_far < 1.0:
             raise ConfigError(f"target_far must be in [0, 1), got {self.target_far}")
         check_device(self.device)
@@ -271,6 +282,26 @@ class Evaluation:
 
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device has bfloat16 arithmetic units; emulated bf16 (older CPUs) is slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether training on `device` runs in bfloat16 for a train_precision value."""
+    return precision == "bf16" or (precision == "auto" and native_bf16(device))
+
+
+def train_autocast(precision: str, device: torch.device) -> torch.autocast:
+    """The autocast context of a training forward pass: bfloat16 when use_bf16, else a no-op.
+    bfloat16 has float32's range, so the losses need no gradient scaler (float16 would)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(precision, device))
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -374,6 +405,7 @@ class Detector:
             batch_size=self.config.batch_size,
             shuffle=shuffle,
             num_workers=self.config.num_workers,
+            pin_memory=self.device.type == "cuda",  # lets the host-to-GPU copy overlap the computation
         )
 
     def fit(self, data: AnomalyFolder | str | Path | Sequence, progress: bool = True) -> "Detector":

@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 from ..data.folder import Sample
 from ..errors import ConfigError
 from ..features.extractor import FeatureExtractor
-from ..heads.flows import ConditionalFlows
+from ..heads.flows import ConditionalFlows, bf16_subnets
 from ..heads.guard import FrameGuard
 from ..scoring import flow_anomaly_map, image_scores, normalise, smooth
-from .base import Detector, DetectorConfig, at_least, option, positive
+from .base import Detector, DetectorConfig, at_least, option, positive, use_bf16
 
 
 @dataclass
@@ -152,7 +152,7 @@ def collect_features(
     """Per-level features of every image batch, concatenated over batches, on the device."""
     per_level: list[list[torch.Tensor]] = []
     for images in batches:
-        features = features_of(images.to(device))
+        features = features_of(images.to(device, non_blocking=True))
         per_level = per_level or [[] for _ in features]
         for level, feature in enumerate(features):
             per_level[level].append(feature)
@@ -174,6 +174,8 @@ def train_flows(
     epoch instead leaves a coarse level (a few vectors per image) with a few dozen steps in all and
     its flow far from fitted: on MVTec bottle the stride-32 flow's NLL per dimension on held-out
     good images was 1.21 after the 48 steps that gave it, 0.11 after 1,000 (benchmarks/flow_steps_bottle.py).
+    With bf16 training (config.train_precision) the coupling subnetworks' matrix products, most of
+    a step's arithmetic, run in bfloat16; the likelihood itself stays float32 (heads/flows.py).
     """
     device = features[0].device
     vectors = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features]
@@ -181,7 +183,7 @@ def train_flows(
     positions = [f.shape[2] * f.shape[3] for f in features]
     per_epoch = vectors_per_epoch(config, [len(v) for v in vectors])
     steps_per_epoch = len(vectors) * math.ceil(per_epoch / config.fiber_batch)
-    optimizer = torch.optim.Adam(flows.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(flows.parameters(), lr=config.lr, fused=True)  # one kernel for all parameters
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_factor(step, steps_per_epoch * config.sub_epochs, config.meta_epochs, config.warmup_meta_epochs),
@@ -190,23 +192,24 @@ def train_flows(
     history = []
     flows.train()
     bar = tqdm(range(epochs), desc="train flows", disable=not progress)
-    for _ in bar:
-        total, count = 0.0, 0
-        for level, (level_vectors, cond) in enumerate(zip(vectors, conditions)):
-            passes = math.ceil(per_epoch / len(level_vectors))
-            order = torch.cat([torch.randperm(len(level_vectors), device=device) for _ in range(passes)])[:per_epoch]
-            for start in range(0, len(order), config.fiber_batch):
-                index = order[start:start + config.fiber_batch]
-                log_likelihood = flows.vector_log_likelihood(level, level_vectors[index], cond[index % positions[level]])
-                loss = -log_likelihood.mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                total += loss.item() * len(index)
-                count += len(index)
-        history.append(total / count)
-        bar.set_postfix(nll=f"{history[-1]:.4f}")
+    with bf16_subnets(flows, use_bf16(config.train_precision, device)):
+        for _ in bar:
+            total, count = torch.zeros((), device=device), 0  # summed on the device: no host sync per step
+            for level, (level_vectors, cond) in enumerate(zip(vectors, conditions)):
+                passes = math.ceil(per_epoch / len(level_vectors))
+                order = torch.cat([torch.randperm(len(level_vectors), device=device) for _ in range(passes)])[:per_epoch]
+                for start in range(0, len(order), config.fiber_batch):
+                    index = order[start:start + config.fiber_batch]
+                    log_likelihood = flows.vector_log_likelihood(level, level_vectors[index], cond[index % positions[level]])
+                    loss = -log_likelihood.mean()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    total += loss.detach() * len(index)
+                    count += len(index)
+            history.append(total.item() / count)
+            bar.set_postfix(nll=f"{history[-1]:.4f}")
     flows.eval()
     return history
 

@@ -40,7 +40,7 @@ from ..heads.classifier import LOSSES, SegmentationDecoder, segmentation_loss
 from ..heads.guard import FrameGuard
 from ..metrics import compute_metrics
 from ..scoring import image_scores, normalise
-from .base import Detector, at_least, option, positive
+from .base import Detector, at_least, option, positive, train_autocast
 from .cflow import CFlowConfig, FlowScorer, build_flow_scorer, collect_features, train_flows
 
 FUSION_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0)
@@ -218,7 +218,7 @@ class ClsCNFDetector(Detector):
         optimizer = torch.optim.Adam([
             {"params": decoder_params, "lr": c.cls_lr},
             {"params": extractor_params, "lr": c.cls_lr * c.extractor_lr_factor},
-        ])
+        ], fused=True)
         history: list[dict] = []
         best_score, best_state = -1.0, None
         epochs = c.frozen_epochs + c.joint_epochs
@@ -229,21 +229,22 @@ class ClsCNFDetector(Detector):
             model.extractor.train(joint)
             model.decoder.train()
             order = torch.randperm(len(images), generator=sample_generator(c.seed, epoch))
-            total = 0.0
+            total = torch.zeros((), device=self.device)  # summed on the device: no host sync per step
             for start in range(0, len(order), c.cls_batch_size):
                 index = order[start:start + c.cls_batch_size]
                 made = [synthesizer(images[i], sample_generator(c.seed, epoch, int(i))) for i in index]
-                batch = torch.stack([m.image for m in made]).to(self.device)
-                target = torch.stack([m.target for m in made]).to(self.device)
-                with torch.set_grad_enabled(joint):
-                    features = model.extractor(batch)
-                logits = model.classifier_logits(features)
-                loss = segmentation_loss(logits, target, c.cls_loss)
+                batch = torch.stack([m.image for m in made]).to(self.device, non_blocking=True)
+                target = torch.stack([m.target for m in made]).to(self.device, non_blocking=True)
+                with train_autocast(c.train_precision, self.device):
+                    with torch.set_grad_enabled(joint):
+                        features = model.extractor(batch)
+                    logits = model.classifier_logits(features)
+                loss = segmentation_loss(logits.float(), target, c.cls_loss)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += loss.item() * len(index)
-            record = {"epoch": epoch + 1, "joint": joint, "loss": total / len(images)}
+                total += loss.detach() * len(index)
+            record = {"epoch": epoch + 1, "joint": joint, "loss": total.item() / len(images)}
             if self.validation is not None:
                 record["val_score"] = self._classifier_validation_score()
                 if record["val_score"] > best_score:

@@ -9,7 +9,10 @@ negative log-likelihood with respect to the input pixels.
 
 The extractor is frozen, so training vectors are computed once for a fixed number of random
 rotations of each image (augment_copies) instead of once per epoch: the flow then trains on
-cached vectors, which is what makes the paper's 24 x 8 epochs practical on a CPU.
+cached vectors. The defaults are the paper's schedule cut for a CPU (4 x 8 epochs and 4 test
+rotations, not 24 x 8 and 64; on KolektorSDD the paper's took 27 minutes to train and 1.1 s per
+image). Scoring turns a batch into all its rotations and embeds them in a few forward passes;
+rotation 0 is scored by the pass that computes the gradient map, which also feeds the guard.
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ from tqdm.auto import tqdm
 from ..data.folder import AnomalyFolder, Sample, load_images
 from ..errors import ConfigError
 from ..features.extractor import FeatureExtractor
-from ..heads.flows import image_flow
+from ..heads.flows import bf16_subnets, image_flow
 from ..heads.guard import FrameGuard
 from ..metrics import image_auroc
 from ..scoring import normalise, smooth
-from .base import Detector, DetectorConfig, at_least, option, positive
+from .base import Detector, DetectorConfig, at_least, option, positive, use_bf16
 
 SELECTIONS = ("last", "validation")
+ROTATION_CHUNK = 32  # rotated images per forward pass when scoring: bounds memory (64 measured no faster on a CPU)
 
 
 @dataclass
@@ -46,12 +50,16 @@ class DifferNetConfig(DetectorConfig):
     clamp: float = option(3.0, "soft clamp of the affine coupling scales")
     subnet_width: int = option(2048, "hidden width of the coupling subnetworks")
     lr: float = option(2e-4, "Adam learning rate")
-    meta_epochs: int = option(24, "meta-epochs (AUROC is logged after each)")
+    meta_epochs: int = option(
+        4, "meta-epochs (paper: 24; on MVTec bottle the test AUROC after meta-epochs 1-6 was 99.84, 99.92, 99.76, "
+        "99.68, 99.68, 99.68: more epochs cost time, not errors)")
     sub_epochs: int = option(8, "passes over the cached training vectors per meta-epoch")
     vector_batch: int = option(64, "image vectors per optimisation step")
     augment_copies: int = option(8, "randomly rotated copies of each training image, computed once")
     flips: bool = option(False, "random flips as well as rotations")
-    test_rotations: int = option(64, "rotations averaged in the score (the paper: 64)")
+    test_rotations: int = option(
+        4, "rotations averaged in the score (paper: 64, each a forward pass per image; on MVTec bottle 8, 4, 2 and 1 "
+        "gave test AUROC 99.68, 99.76, 99.76, 99.84)")
     select: str = option("last", "model to keep: the last, or the best on the synthetic validation set")
 
     def validate(self) -> None:
@@ -84,39 +92,58 @@ class DifferNetModel(nn.Module):
         self.register_buffer("map_low", torch.tensor(0.0))
         self.register_buffer("map_high", torch.tensor(1.0))
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """B x D: last-level features at each scale, average-pooled and concatenated."""
-        vectors = []
+    def scale_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Last-level feature maps of the images at each scale."""
+        out = []
         for scale in self.scales:
             size = tuple(max(32, int(round(side * scale))) for side in images.shape[-2:])
             scaled = images if size == tuple(images.shape[-2:]) else F.interpolate(images, size=size, mode="bilinear", antialias=True)
-            vectors.append(self.extractor(scaled)[-1].mean(dim=(2, 3)))
-        return torch.cat(vectors, dim=1)
+            out.append(self.extractor(scaled)[-1])
+        return out
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """B x D: last-level features at each scale, average-pooled and concatenated."""
+        return torch.cat([f.mean(dim=(2, 3)) for f in self.scale_features(images)], dim=1)
+
+    def embed_rotations(self, images: torch.Tensor, angles: Sequence[float]) -> torch.Tensor:
+        """R x B x D: the embedding of every image turned by every angle, in forward passes of up to
+        ROTATION_CHUNK images (one pass per rotation is mostly per-call overhead for a small batch)."""
+        rotated = torch.cat([TF.rotate(images, angle) for angle in angles])  # rotation-major
+        vectors = torch.cat([self.embed(part) for part in rotated.split(ROTATION_CHUNK)])
+        return vectors.view(len(angles), len(images), -1)
 
     def latent_sq_norm(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Mean squared latent per dimension: the per-rotation anomaly score."""
-        z, _ = self.flow(vectors)
-        return z.pow(2).mean(dim=1)
+        """Mean squared latent per dimension of ... x D vectors: the per-rotation anomaly score."""
+        z, _ = self.flow(vectors.reshape(-1, vectors.shape[-1]))
+        return z.pow(2).mean(dim=1).view(vectors.shape[:-1])
 
-    def rotation_score(self, vectors_per_rotation: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The anomaly score: mean over rotations of the mean squared latent."""
-        return sum(self.latent_sq_norm(v) for v in vectors_per_rotation) / len(vectors_per_rotation)
+    def rotation_score(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The anomaly score from R x B x D vectors: the mean over rotations of the mean squared latent."""
+        return self.latent_sq_norm(vectors).mean(dim=0)
 
-    def score(self, images: torch.Tensor) -> torch.Tensor:
-        return self.rotation_score([self.embed(TF.rotate(images, angle)) for angle in rotations(self.test_rotations)])
+    def _gradient_pass(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One pass with gradients at rotation 0: (raw map, rotation-0 score, scale-1 last-level
+        features or None), so the map, the score's first rotation and the guard share one forward."""
+        with torch.enable_grad():
+            x = images.detach().clone().requires_grad_(True)
+            features = self.scale_features(x)
+            z, log_det = self.flow(torch.cat([f.mean(dim=(2, 3)) for f in features], dim=1))
+            nll = 0.5 * z.pow(2).sum(dim=1) - log_det
+            (grad,) = torch.autograd.grad(nll.sum(), x)
+        full = features[self.scales.index(1.0)].detach() if 1.0 in self.scales else None
+        return smooth(grad.abs().sum(dim=1), self.sigma), z.detach().pow(2).mean(dim=1), full
 
     def raw_map(self, images: torch.Tensor) -> torch.Tensor:
         """|d NLL / d pixel| summed over colour channels, smoothed."""
-        with torch.enable_grad():
-            x = images.detach().clone().requires_grad_(True)
-            z, log_det = self.flow(self.embed(x))
-            nll = 0.5 * z.pow(2).sum(dim=1) - log_det
-            (grad,) = torch.autograd.grad(nll.sum(), x)
-        return smooth(grad.abs().sum(dim=1), self.sigma)
+        return self._gradient_pass(images)[0]
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"score": self.score(images), "map": normalise(self.raw_map(images), self.map_low, self.map_high),
-                "frame": self.guard(images, self.extractor(images)[-1])}
+        raw, first, full = self._gradient_pass(images)
+        angles = rotations(self.test_rotations)  # starts at 0: the gradient pass scored that one
+        rest = self.latent_sq_norm(self.embed_rotations(images, angles[1:])).sum(dim=0) if len(angles) > 1 else 0.0
+        full = self.extractor(images)[-1] if full is None else full
+        return {"score": (first + rest) / len(angles), "map": normalise(raw, self.map_low, self.map_high),
+                "frame": self.guard(images, full)}
 
 
 class DifferNetDetector(Detector):
@@ -130,9 +157,10 @@ class DifferNetDetector(Detector):
         dims = extractor.channels[-1] * len(c.scales)
         return DifferNetModel(extractor, image_flow(dims, c.coupling_blocks, c.clamp, c.subnet_width), c)
 
-    def fit(self, data, progress: bool = True, log_test: bool = True) -> "DifferNetDetector":
+    def fit(self, data, progress: bool = True, log_test: bool = False) -> "DifferNetDetector":
         """Train; when data is a category folder with a test split and log_test is on, the test
-        AUROC after every meta-epoch is logged in epoch_log (reporting only: it chooses nothing)."""
+        AUROC after every meta-epoch is logged in epoch_log (reporting only: it chooses nothing).
+        Off by default: the test images' rotated vectors cost as much extraction as training's."""
         self._log_folder = data if isinstance(data, AnomalyFolder) and data.test and log_test else None
         return super().fit(data, progress)
 
@@ -149,11 +177,11 @@ class DifferNetDetector(Detector):
         return torch.cat(out)
 
     @torch.no_grad()
-    def _rotation_vectors(self, images: torch.Tensor, progress: bool, desc: str) -> list[torch.Tensor]:
-        """Cached vectors of each test rotation, so per-epoch scoring needs only the flow."""
+    def _rotation_vectors(self, images: torch.Tensor, progress: bool, desc: str) -> torch.Tensor:
+        """R x N x D cached vectors of each test rotation, so per-epoch scoring needs only the flow."""
         angles = rotations(self.config.test_rotations)
-        return [self._vectors(images, [a] * len(images), [False] * len(images))
-                for a in tqdm(angles, desc=desc, disable=not progress, leave=False)]
+        return torch.cat([self.model.embed_rotations(batch.to(self.device), angles)
+                          for batch in tqdm(images.split(self.config.batch_size), desc=desc, disable=not progress, leave=False)], dim=1)
 
     def _fit(self, train: list[Sample], progress: bool) -> None:
         c = self.config
@@ -180,24 +208,26 @@ class DifferNetDetector(Detector):
         self.fit_seconds["extract"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        optimizer = torch.optim.Adam(model.flow.parameters(), lr=c.lr, betas=(0.8, 0.8), eps=1e-4, weight_decay=1e-5)
+        optimizer = torch.optim.Adam(model.flow.parameters(), lr=c.lr, betas=(0.8, 0.8), eps=1e-4, weight_decay=1e-5, fused=True)
+        bf16 = use_bf16(c.train_precision, self.device)
         self.epoch_log: list[dict] = []
         best = (-1.0, None)
         bar = tqdm(range(c.meta_epochs), desc="train flow", disable=not progress)
         for meta in bar:
             model.flow.train()
-            total = 0.0
-            for _ in range(c.sub_epochs):
-                order = torch.randperm(len(vectors), generator=generator)
-                for s in range(0, len(order), c.vector_batch):
-                    z, log_det = model.flow(vectors[order[s:s + c.vector_batch]])
-                    loss = (0.5 * z.pow(2).sum(dim=1) - log_det).mean() / z.shape[1]
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    total += loss.item() * len(z)
+            total = torch.zeros((), device=self.device)  # summed on the device: no host sync per step
+            with bf16_subnets(model.flow, bf16):  # training only: the per-epoch scores below are float32
+                for _ in range(c.sub_epochs):
+                    order = torch.randperm(len(vectors), generator=generator)
+                    for s in range(0, len(order), c.vector_batch):
+                        z, log_det = model.flow(vectors[order[s:s + c.vector_batch]])
+                        loss = (0.5 * z.pow(2).sum(dim=1) - log_det).mean() / z.shape[1]
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                        total += loss.detach() * len(z)
             model.flow.eval()
-            record = {"meta_epoch": meta + 1, "nll": total / (len(vectors) * c.sub_epochs)}
+            record = {"meta_epoch": meta + 1, "nll": total.item() / (len(vectors) * c.sub_epochs)}
             if validation is not None:
                 record["val_auroc"] = image_auroc(self.validation.labels, self._score_cached(validation))
                 if record["val_auroc"] > best[0]:
@@ -214,7 +244,7 @@ class DifferNetDetector(Detector):
         self.fit_seconds["flow"] = time.perf_counter() - start
 
     @torch.no_grad()
-    def _score_cached(self, per_rotation: list[torch.Tensor]) -> np.ndarray:
+    def _score_cached(self, per_rotation: torch.Tensor) -> np.ndarray:
         return self.model.rotation_score(per_rotation).cpu().numpy()
 
     def _calibrate_map(self, images: torch.Tensor) -> None:
