@@ -24,7 +24,7 @@ TINY = {
 
 
 # INT8 against fp32 (a model trained for seconds, 6 test images, a 4-image validation set): the
-# decisions did not change, the metrics did, by up to 11.1 points (clscnf's AUPRO); quantizing
+# metrics moved by up to 11.1 points (clscnf's AUPRO), some decisions with them; quantizing
 # the flows as well moved image AUROC by 50 points on the full bottle model
 INT8_TOLERANCE = 0.15
 
@@ -67,8 +67,10 @@ def test_exported_backends_give_the_same_maps_as_pytorch(method: str, small_bott
     assert check["fp32"] == compute_metrics(validation.labels, fp32_validation.scores, validation.masks.numpy() > 0, fp32_validation.maps)
     fp32_eval = defectflow.load(checkpoint).evaluate(small_bottle, progress=False)
     int8_eval = defectflow.load(checkpoint, backend="openvino-int8").evaluate(small_bottle, progress=False)
-    assert check["same_decisions"] == check["images"]
-    np.testing.assert_array_equal(fp32_eval.prediction.defective, int8_eval.prediction.defective)
+    # INT8 does not keep decisions in general (18 of 83 changed on the full bottle model): the check
+    # must report the agreement as it is, and the metric change stays bounded
+    int8_validation = defectflow.load(checkpoint, backend="openvino-int8").predict_images(validation.images)
+    assert check["same_decisions"] == int((int8_validation.defective == fp32_validation.defective).sum())
     for metric in METRIC_NAMES:
         assert abs(check["int8"][metric] - check["fp32"][metric]) <= INT8_TOLERANCE, metric
         assert abs(int8_eval.metrics[metric] - fp32_eval.metrics[metric]) <= INT8_TOLERANCE, metric
@@ -81,7 +83,8 @@ def test_exported_backends_give_the_same_maps_as_pytorch(method: str, small_bott
                      "--out", str(tmp_path / backend), "--quiet"]) == 0
     decisions = {b: [r["decision"] for r in csv.DictReader((tmp_path / b / "scores.csv").open())] for b in BACKENDS}
     assert len(decisions["torch"]) == len(images)
-    assert all(decisions[b] == decisions["torch"] for b in BACKENDS), decisions
+    assert all(len(decisions[b]) == len(images) for b in BACKENDS)
+    assert all(decisions[b] == decisions["torch"] for b in BACKENDS if b != "openvino-int8"), decisions
 
     # an export from other weights is refused: change the weights, then put the old export back beside them
     exported = ("model.onnx", "model.onnx.json", "model-int8.xml", "model-int8.bin", "model-int8.xml.json")
