@@ -101,9 +101,14 @@ class DifferNetModel(nn.Module):
             out.append(self.extractor(scaled)[-1])
         return out
 
+    @staticmethod
+    def pool(features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """B x D: feature maps average-pooled and concatenated (the image vector the flow sees)."""
+        return torch.cat([f.mean(dim=(2, 3)) for f in features], dim=1)
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """B x D: last-level features at each scale, average-pooled and concatenated."""
-        return torch.cat([f.mean(dim=(2, 3)) for f in self.scale_features(images)], dim=1)
+        """B x D: last-level features at each scale, pooled."""
+        return self.pool(self.scale_features(images))
 
     def embed_rotations(self, images: torch.Tensor, angles: Sequence[float]) -> torch.Tensor:
         """R x B x D: the embedding of every image turned by every angle, in forward passes of up to
@@ -127,7 +132,7 @@ class DifferNetModel(nn.Module):
         with torch.enable_grad():
             x = images.detach().clone().requires_grad_(True)
             features = self.scale_features(x)
-            z, log_det = self.flow(torch.cat([f.mean(dim=(2, 3)) for f in features], dim=1))
+            z, log_det = self.flow(self.pool(features))
             nll = 0.5 * z.pow(2).sum(dim=1) - log_det
             (grad,) = torch.autograd.grad(nll.sum(), x)
         full = features[self.scales.index(1.0)].detach() if 1.0 in self.scales else None
