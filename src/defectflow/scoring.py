@@ -11,7 +11,6 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.functional import gaussian_blur
 
 IMAGE_REDUCTIONS = ("max", "mean")
 
@@ -32,11 +31,21 @@ def flow_anomaly_map(log_likelihoods: Sequence[torch.Tensor], references: torch.
 
 
 def smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian smoothing of B x H x W maps (sigma in pixels; 0 leaves them as they are)."""
+    """Gaussian smoothing of B x H x W maps (sigma in pixels; 0 leaves them as they are).
+
+    Separable (a row pass, then a column pass) with reflected borders: the same result as a 2-D
+    Gaussian kernel of radius 4 sigma, at 2 (2r+1) instead of (2r+1)^2 operations per pixel; the
+    2-D kernel was a third of the exported model's time at 256 x 256.
+    """
     if sigma <= 0:
         return maps
-    kernel = 2 * int(4.0 * sigma + 0.5) + 1
-    return gaussian_blur(maps[:, None], kernel_size=[kernel, kernel], sigma=[sigma, sigma])[:, 0]
+    radius = int(4.0 * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    padded = F.pad(maps[:, None], (radius,) * 4, mode="reflect")
+    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1))
+    return F.conv2d(rows, kernel.view(1, 1, -1, 1))[:, 0]
 
 
 def image_scores(maps: torch.Tensor, reduction: str = "max") -> torch.Tensor:
