@@ -22,7 +22,7 @@ from ..features.extractor import FeatureExtractor
 from ..heads.flows import ConditionalFlows, bf16_subnets
 from ..heads.guard import FrameGuard
 from ..scoring import flow_anomaly_map, image_scores, normalise, smooth
-from .base import Detector, DetectorConfig, at_least, option, positive, use_bf16
+from .base import Detector, DetectorConfig, at_least, option, positive, prefetched, use_bf16
 
 
 @dataclass
@@ -234,7 +234,10 @@ class CFlowDetector(Detector):
         model.extractor.requires_grad_(False)
         self.model = model
         start = time.perf_counter()
-        batches = (batch["image"] for batch in tqdm(self.loader(train), desc="extract features", disable=not progress, leave=False))
+        # the next batch is decoded and resized in a thread while this one is extracted
+        loaded = tqdm(prefetched(self.loader(train)), total=math.ceil(len(train) / self.config.batch_size),
+                      desc="extract features", disable=not progress, leave=False)
+        batches = (batch["image"] for batch in loaded)
         features = collect_features(model.extractor.eval(), batches, self.device)
         self.fit_seconds["extract"] = time.perf_counter() - start
         start = time.perf_counter()
