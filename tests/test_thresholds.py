@@ -8,7 +8,7 @@ import pytest
 import defectflow
 from defectflow.data.folder import AnomalyFolder
 from defectflow.errors import ConfigError
-from defectflow.thresholds import Thresholds, best_f1_threshold, choose_thresholds, far_threshold
+from defectflow.thresholds import Thresholds, best_f1_threshold, choose_thresholds, far_threshold, gumbel_quantile, image_far_threshold
 
 TINY = dict(input_size=128, meta_epochs=1, sub_epochs=2, fiber_batch=512, batch_size=8, val_fraction=0.25)
 
@@ -38,6 +38,37 @@ def test_far_rule_looks_at_normal_data_only() -> None:
     t = choose_thresholds(labels, np.array([0.2, 0.3, 9.0]), masks, maps, "far", 0.0)
     assert 0.3 < t.image < 0.31 and 0.5 < t.pixel < 0.51 and t.rule == "far"
     assert Thresholds.from_json(t.to_json()) == t
+
+
+def test_gumbel_fit_recovers_the_quantile_of_a_gumbel_law() -> None:
+    values = np.random.default_rng(0).gumbel(2.0, 0.5, size=20_000)
+    true_q99 = 2.0 - 0.5 * np.log(-np.log(0.99))
+    assert gumbel_quantile(values, 0.99) == pytest.approx(true_q99, abs=0.03)
+
+
+def test_few_good_images_extrapolate_the_image_threshold_to_the_target_rate() -> None:
+    """24 held-out scores cannot resolve 1%: above their maximum flags about 1 in 25 good parts.
+    The extrapolated threshold must flag close to 1% of good parts of the same law."""
+    rng = np.random.default_rng(1)
+    far_of = lambda t: 1.0 - np.exp(-np.exp(-t))  # noqa: E731 - exceedance of the standard Gumbel law
+    empirical, extrapolated = [], []
+    for _ in range(400):
+        scores = rng.gumbel(size=24)
+        threshold, count = image_far_threshold(scores, 0.01)
+        assert count == 24 and threshold >= far_threshold(scores, 0.01)
+        empirical.append(far_of(far_threshold(scores, 0.01)))
+        extrapolated.append(far_of(threshold))
+    assert np.mean(empirical) > 0.03  # the old rule: about 1/25
+    assert 0.005 < np.mean(extrapolated) < 0.02
+    # enough images for the target (or a target of 0): the empirical rule, nothing extrapolated
+    many = rng.gumbel(size=300)
+    assert image_far_threshold(many, 0.01) == (far_threshold(many, 0.01), None)
+    assert image_far_threshold(many[:24], 0.0) == (far_threshold(many[:24], 0.0), None)
+    t = choose_thresholds(np.zeros(24, int), many[:24], np.zeros((24, 2, 2)), np.zeros((24, 2, 2)), "far", 0.01)
+    assert t.extrapolated_from == 24 and "24 held-out good images" in t.note
+    assert Thresholds.from_json(t.to_json()) == t
+    old = {k: v for k, v in t.to_json().items() if k != "extrapolated_from"}  # a checkpoint from before
+    assert Thresholds.from_json(old).extrapolated_from is None and Thresholds.from_json(old).note is None
 
 
 @pytest.fixture(scope="module")

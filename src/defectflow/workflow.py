@@ -103,6 +103,8 @@ def report_evaluation(
         text += f"\nPixel metrics: {pixel_protocol(detector)}"
     if counts is not None:
         text += f"\nAt the operating threshold ({thresholds.rule}): " + counts_text(counts)
+        if thresholds.note is not None:
+            text += f"\nNote: {thresholds.note}"
     if pictures:
         write_image_pictures(out / "pictures", evaluation, detector.image_size)
         write_curves(out / "curves", evaluation)

@@ -435,6 +435,8 @@ class Detector:
         self._calibrate_guard(kept)
         if self.validation is not None:
             self.thresholds = self._choose_thresholds()
+            if self.thresholds.note is not None:
+                warnings.warn(self.thresholds.note[0].upper() + self.thresholds.note[1:], DefectflowWarning, stacklevel=2)
         return self
 
     def _no_validation_note(self, n_train: int) -> str:
