@@ -40,7 +40,7 @@ from ..heads.classifier import LOSSES, SegmentationDecoder, segmentation_loss
 from ..heads.guard import FrameGuard
 from ..metrics import compute_metrics
 from ..scoring import image_scores, normalise
-from .base import Detector, at_least, option, positive, prefetched, train_autocast
+from .base import Detector, at_least, option, positive, train_autocast
 from .cflow import CFlowConfig, FlowScorer, build_flow_scorer, collect_features, train_flows
 
 FUSION_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0)
@@ -230,10 +230,9 @@ class ClsCNFDetector(Detector):
             model.decoder.train()
             order = torch.randperm(len(images), generator=sample_generator(c.seed, epoch))
             total = torch.zeros((), device=self.device)  # summed on the device: no host sync per step
-            # each image's defect depends only on (seed, epoch, image): a thread makes the next batch's
-            # defects while this one trains, with the same result as making them here
-            for made in prefetched([synthesizer(images[i], sample_generator(c.seed, epoch, int(i))) for i in index]
-                                   for index in order.split(c.cls_batch_size)):
+            for start in range(0, len(order), c.cls_batch_size):
+                index = order[start:start + c.cls_batch_size]
+                made = [synthesizer(images[i], sample_generator(c.seed, epoch, int(i))) for i in index]
                 batch = torch.stack([m.image for m in made]).to(self.device, non_blocking=True)
                 target = torch.stack([m.target for m in made]).to(self.device, non_blocking=True)
                 with train_autocast(c.train_precision, self.device):
@@ -244,7 +243,7 @@ class ClsCNFDetector(Detector):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += loss.detach() * len(made)
+                total += loss.detach() * len(index)
             record = {"epoch": epoch + 1, "joint": joint, "loss": total.item() / len(images)}
             if self.validation is not None:
                 record["val_score"] = self._classifier_validation_score()
