@@ -42,6 +42,10 @@ def test_train_eval_predict(bottle_slice: Path, tmp_path: Path, capsys: pytest.C
     rows = list(csv.DictReader((results / "results.csv").open()))
     assert rows[0]["category"] == "bottle" and float(rows[0]["pixel_auroc"]) > 0.5
     assert len(list((results / "pictures").rglob("*.png"))) == 4 and (results / "report.html").is_file()
+    # a few held-out images cannot resolve a 1% false-alarm rate: the threshold says it is extrapolated
+    held_out = data["thresholds"]["extrapolated_from"]
+    assert held_out >= 2 and f"extrapolated from only {held_out} held-out good images" in out
+    assert f"extrapolated from only {held_out} held-out" in (results / "report.html").read_text()
 
     predictions = tmp_path / "pred"
     images = bottle_slice / "test" / "broken_large"

@@ -15,6 +15,7 @@ from .htmlreport import evaluation_section, table, write_html
 from .methods import Detector, Evaluation
 from .pictures import CURVES, FOLDERS, OUTCOMES, Picture, outcome, write_curves, write_image_pictures
 from .report import markdown_table, table_cells, write_results
+from .thresholds import Thresholds
 
 
 # what run, eval and predict write into an output folder; --overwrite replaces all of it at once
@@ -131,6 +132,9 @@ def folder_section(run_dir: Path, heading: str) -> str:
         note = f"Image threshold {t['image']:.4f}, pixel threshold {t['pixel']:.4f} ({t['rule']})"
         if results.get("decisions"):
             note += "; " + counts_text(results["decisions"])
+        extrapolated = Thresholds.from_json(t).note
+        if extrapolated is not None:
+            note += f". Note: {extrapolated}"
     return evaluation_section(heading, curves, pictures, note)
 
 
