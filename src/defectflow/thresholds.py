@@ -43,7 +43,7 @@ class Thresholds:
         """What the user should know about how the image threshold was set, if anything."""
         if self.extrapolated_from is None:
             return None
-        return (f"the {100 * self.target_far:g}% false-alarm image threshold was extrapolated from only {self.extrapolated_from} "
+        return (f"The {100 * self.target_far:g}% false-alarm image threshold was extrapolated from only {self.extrapolated_from} "
                 f"held-out good images (a Gumbel fit of their scores; an empirical one needs {int(np.ceil(1 / self.target_far))}): "
                 "its false-alarm rate is an estimate. Hold out more good images (--val-fraction) or add good training images.")
 

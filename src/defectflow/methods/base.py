@@ -436,7 +436,7 @@ class Detector:
         if self.validation is not None:
             self.thresholds = self._choose_thresholds()
             if self.thresholds.note is not None:
-                warnings.warn(self.thresholds.note[0].upper() + self.thresholds.note[1:], DefectflowWarning, stacklevel=2)
+                warnings.warn(self.thresholds.note, DefectflowWarning, stacklevel=2)
         return self
 
     def _no_validation_note(self, n_train: int) -> str:
