@@ -235,8 +235,8 @@ class CFlowDetector(Detector):
         self.model = model
         start = time.perf_counter()
         # the next batch is decoded and resized in a thread while this one is extracted
-        loaded = tqdm(prefetched(self.loader(train)), total=math.ceil(len(train) / self.config.batch_size),
-                      desc="extract features", disable=not progress, leave=False)
+        loader = self.loader(train)
+        loaded = tqdm(prefetched(loader), total=len(loader), desc="extract features", disable=not progress, leave=False)
         batches = (batch["image"] for batch in loaded)
         features = collect_features(model.extractor.eval(), batches, self.device)
         self.fit_seconds["extract"] = time.perf_counter() - start
