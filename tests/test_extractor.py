@@ -80,3 +80,34 @@ def test_torchvision_weights_unavailable_offline_gives_instructions(monkeypatch:
     monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", offline)
     with pytest.raises(WeightsError, match=r"resnet18.*torch's hub cache.*--weights"):
         FeatureExtractor("resnet18", (2, 3, 4))
+
+
+def _unfolded(extractor: FeatureExtractor, images: torch.Tensor) -> list[torch.Tensor]:
+    return extractor._run(extractor.body, (images - extractor.mean) / extractor.std)
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18"])
+def test_frozen_extractor_folds_batchnorm_with_the_same_features(name: str) -> None:
+    extractor = FeatureExtractor(name, (2, 3, 4), pretrained=False)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # BatchNorm statistics far from the identity, so a wrong fold shows
+        for bn in (m for m in extractor.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=generator) * 0.5)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=generator) + 0.5)
+            bn.bias.copy_(torch.randn(bn.num_features, generator=generator) * 0.1)
+    images = torch.rand(2, 3, 96, 128, generator=generator)
+
+    extractor.requires_grad_(True)
+    assert extractor._inference_body() is extractor.body  # trainable: never a stale copy
+    extractor.requires_grad_(False)
+    folded = extractor._inference_body()
+    assert folded is not extractor.body
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        for got, want in zip(extractor(images), _unfolded(extractor, images)):
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+        conv = next(m for m in extractor.body.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.weight.mul_(1.5)  # an in-place change (an optimiser step, load_state_dict) is seen
+        for got, want in zip(extractor(images), _unfolded(extractor, images)):
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

@@ -6,6 +6,7 @@ the paper's "layers 2-4" is levels (2, 3, 4) for both libraries.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import WeightsError
+from .folding import folded_copy
 from .tiling import stitched_features
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -65,7 +67,9 @@ class FeatureExtractor(nn.Module):
     """images in [0, 1] -> list of feature maps, one per requested level (shallow to deep).
 
     BatchNorm layers always use their stored statistics, even in train mode, so fine-tuning
-    (the paper's stage 1) changes weights but not normalisation statistics.
+    (the paper's stage 1) changes weights but not normalisation statistics. Frozen (eval mode, no
+    weight that requires a gradient), it computes with a copy whose BatchNorms are folded into
+    the convolutions (features/folding.py), made again whenever a weight has changed.
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class FeatureExtractor(nn.Module):
         self.body.to(memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self._folded: tuple[tuple, nn.Module | None] | None = None  # (weights' fingerprint, folded body)
         self.train(False)  # before the probe: a forward pass in train mode would move BatchNorm statistics
         with torch.no_grad():
             self.channels = tuple(int(f.shape[1]) for f in self(torch.zeros(1, 3, 64, 64)))
@@ -158,5 +163,21 @@ class FeatureExtractor(nn.Module):
         return self._untiled(images)
 
     def _untiled(self, images: torch.Tensor) -> list[torch.Tensor]:
-        features = self.body(((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last))
+        return self._run(self._inference_body(), (images - self.mean) / self.std)
+
+    @staticmethod
+    def _run(body: nn.Module, normalised: torch.Tensor) -> list[torch.Tensor]:
+        features = body(normalised.contiguous(memory_format=torch.channels_last))
         return list(features.values()) if isinstance(features, dict) else list(features)
+
+    def _inference_body(self) -> nn.Module:
+        """The folded copy when frozen, else body. The copy is keyed on every weight's storage and
+        version counter, which any in-place change (load_state_dict, an optimiser step) or move bumps."""
+        if self.training or any(p.requires_grad for p in self.body.parameters()) or torch.compiler.is_compiling():
+            return self.body  # an exported graph is folded by the runtime that loads it
+        tensors = itertools.chain(self.body.parameters(), self.body.buffers())
+        fingerprint = tuple((t.data_ptr(), t._version) for t in tensors)
+        if self._folded is None or self._folded[0] != fingerprint:
+            probe = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(self.mean.device)
+            self._folded = (fingerprint, folded_copy(self.body, probe, self._run))
+        return self.body if self._folded[1] is None else self._folded[1]

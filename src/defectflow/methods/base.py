@@ -594,7 +594,7 @@ class Detector:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise CheckpointError(f"The checkpoint's weights do not fit a {cls.method} model with its config: {exc}") from None
-        detector.model = model.to(detector.device).eval()
+        detector.model = model.to(detector.device).eval().requires_grad_(False)  # frozen: see FeatureExtractor
         thresholds = meta.get("thresholds")
         detector.thresholds = None if thresholds is None else Thresholds.from_json(thresholds)
         detector.trained_on = meta.get("trained_on")
