@@ -25,6 +25,9 @@ def test_stage_one_fine_tunes_weights_but_not_batchnorm_statistics(trained) -> N
     before, after = imagenet.state_dict(), trained.model.extractor.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert any("weight" in k for k in changed)  # the joint epoch moved the extractor
+    # from the shallowest flow level (2) up: the stem and stages 0-1 keep their ImageNet weights
+    assert not any(k.startswith(("body.conv_stem", "body.bn1", "body.blocks.0.", "body.blocks.1.")) for k in changed)
+    assert any(k.startswith("body.blocks.2.") for k in changed)
     assert not any("running_" in k for k in changed)  # BatchNorm statistics stayed frozen
     assert [r["joint"] for r in trained.classifier_history] == [False, True]
     assert trained.loss_history[-1] == trained.loss_history[-1]  # flows trained, finite

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from defectflow.errors import WeightsError
+from defectflow.errors import ConfigError, WeightsError
 from defectflow.features.extractor import FeatureExtractor
 
 
@@ -111,3 +111,17 @@ def test_frozen_extractor_folds_batchnorm_with_the_same_features(name: str) -> N
         conv.weight.mul_(1.5)  # an in-place change (an optimiser step, load_state_dict) is seen
         for got, want in zip(extractor(images), _unfolded(extractor, images)):
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_parameters_before_a_level_are_those_of_the_stem_and_shallower_stages(lite0: FeatureExtractor) -> None:
+    names = {id(p): n for n, p in lite0.body.named_parameters()}
+    before = [names[id(p)] for p in lite0.parameters_before(2)]
+    expected = [n for n in names.values() if n.startswith(("conv_stem.", "bn1.", "blocks.0.", "blocks.1."))]
+    assert sorted(before) == sorted(expected) and expected
+    assert lite0.parameters_before(0) == []
+    resnet = FeatureExtractor("resnet18", (2, 3, 4), pretrained=False)
+    names = {id(p): n for n, p in resnet.body.named_parameters()}
+    assert sorted(names[id(p)] for p in resnet.parameters_before(2)) == sorted(
+        n for n in names.values() if n.startswith(("conv1.", "bn1.", "layer1.")))
+    with pytest.raises(ConfigError, match="no level 6"):
+        lite0.parameters_before(7)

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..errors import WeightsError
+from ..errors import ConfigError, WeightsError
 from .folding import folded_copy
 from .tiling import stitched_features
 
@@ -156,6 +156,27 @@ class FeatureExtractor(nn.Module):
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
         return self
+
+    def parameters_before(self, level: int) -> list[nn.Parameter]:
+        """Parameters of the stem and stages that run before `level`'s stage (timm's stage modules,
+        torchvision's nodes), in any backbone: a probe pass records which modules run first."""
+        if level <= 0:
+            return []
+        names = (_TORCHVISION_NODES[self.name] if self.name in _TORCHVISION_NODES
+                 else {i: info["module"] for i, info in enumerate(self.body.feature_info.info)})
+        if level - 1 not in names:
+            raise ConfigError(f"{self.name} has feature levels {sorted(names)}: there is no level {level - 1} to stop at.")
+        stage = set(self.body.get_submodule(names[level - 1]).modules())
+        ran: list[nn.Module] = []  # in the order they finished: a GraphModule calls only the leaves
+        hooks = [m.register_forward_hook(lambda module, args, output: ran.append(module)) for m in self.body.modules()]
+        try:
+            with torch.no_grad():
+                self._run(self.body, torch.zeros(1, 3, 64, 64, device=self.mean.device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        last = max(i for i, module in enumerate(ran) if module in stage)
+        return list(dict.fromkeys(p for m in ran[: last + 1] for p in m.parameters(recurse=False)))
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         if self.tile is not None and max(images.shape[-2:]) > self.tile:
