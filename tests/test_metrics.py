@@ -11,12 +11,18 @@ def test_image_auroc_hand_worked() -> None:
     assert image_auroc(np.array([0, 0]), np.array([0.1, 0.2])) is None
 
 
-def test_pixel_metrics_match_sklearn() -> None:
+@pytest.mark.parametrize("levels", [None, 7])  # continuous scores, and scores with many ties
+def test_pixel_metrics_match_sklearn(levels: int | None) -> None:
     rng = np.random.default_rng(0)
-    masks = rng.random((3, 8, 8)) > 0.8
-    maps = rng.random((3, 8, 8)) + masks * 0.3
-    assert pixel_auroc(masks, maps) == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()))
-    assert pixel_aupr(masks, maps) == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()))
+    masks = rng.random((5, 24, 16)) > 0.8
+    maps = rng.random((5, 24, 16)) + masks * 0.3
+    if levels:
+        maps = np.round(maps * levels) / levels
+    assert pixel_auroc(masks, maps) == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), rel=1e-9)
+    assert pixel_aupr(masks, maps) == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()), rel=1e-9)
+    together = compute_metrics(np.array([0, 0, 1, 1, 1]), maps.max(axis=(1, 2)), masks, maps)  # one shared ranking
+    assert together["pixel_auroc"] == pixel_auroc(masks, maps) and together["pixel_aupr"] == pixel_aupr(masks, maps)
+    assert together["aupro"] == aupro(masks, maps)
 
 
 def _one_image_two_regions() -> tuple[np.ndarray, np.ndarray]:

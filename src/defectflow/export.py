@@ -132,6 +132,7 @@ def export_int8(detector, checkpoint: str | Path, folder: AnomalyFolder, onnx: s
     path = int8_path(onnx)
     ov.save_model(quantized, str(path), compress_to_fp16=False)
     files = [path, path.with_suffix(".bin")]
+    # written twice: the INT8 backend that the check runs refuses files without a current meta
     write_meta(checkpoint, path, files, fp32.outputs, detector.image_size, calibration_images=len(samples))
     check = int8_check(detector, fp32, OpenVinoInt8Backend(checkpoint, onnx), train, validation)
     write_meta(checkpoint, path, files, fp32.outputs, detector.image_size, calibration_images=len(samples), check=check)

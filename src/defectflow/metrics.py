@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import roc_auc_score
 
 METRIC_NAMES = ("image_auroc", "pixel_auroc", "pixel_aupr", "aupro")
 METRIC_TITLES = {"image_auroc": "Img AUROC", "pixel_auroc": "Pix AUROC", "pixel_aupr": "Pix AUPR", "aupro": "AUPRO"}
@@ -19,17 +19,52 @@ def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     return float(roc_auc_score(labels, scores)) if _both_classes(labels) else None
 
 
-def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float | None:
+class PixelRanking:
+    """Every pixel ranked by its score, once, for all the pixel metrics.
+
+    scikit-learn's roc_auc_score and average_precision_score sort the pixels again for each
+    metric: on 42 maps of 256 x 256 (clscnf's validation set, scored after every stage-1 epoch)
+    the three pixel metrics took 2.1 s, two thirds of it in three sorts of the same scores. Here
+    one sort serves the ROC, precision-recall and PRO curves, each taken at every distinct score
+    (the last pixel of each run of ties, so the order within ties does not matter); the tests
+    check the results against scikit-learn's.
+    """
+
+    def __init__(self, maps: np.ndarray) -> None:
+        flat = np.asarray(maps).ravel()
+        self.order = np.argsort(flat)[::-1]  # decreasing score
+        ranked = flat[self.order]
+        self.last_of_tie = np.r_[ranked[1:] != ranked[:-1], True]
+
+    def cumulative(self, values: np.ndarray) -> np.ndarray:
+        """Running sums of per-pixel values (flattened like the maps) over the pixels at or above each
+        distinct score, from the highest; starts with 0 (nothing above the highest threshold)."""
+        return np.r_[0.0, np.cumsum(np.asarray(values, dtype=np.float64).ravel()[self.order])[self.last_of_tie]]
+
+
+def _roc(truth: np.ndarray, ranking: PixelRanking) -> tuple[np.ndarray, np.ndarray]:
+    """True-positive and false-positive counts at every distinct threshold, decreasing."""
+    return ranking.cumulative(truth), ranking.cumulative(~truth)
+
+
+def pixel_auroc(masks: np.ndarray, maps: np.ndarray, ranking: PixelRanking | None = None) -> float | None:
     truth = np.asarray(masks).ravel() > 0
-    return float(roc_auc_score(truth, np.asarray(maps).ravel())) if _both_classes(truth) else None
+    if not _both_classes(truth):
+        return None
+    tps, fps = _roc(truth, ranking or PixelRanking(maps))
+    return float(np.trapezoid(tps / tps[-1], fps / fps[-1]))
 
 
-def pixel_aupr(masks: np.ndarray, maps: np.ndarray) -> float | None:
+def pixel_aupr(masks: np.ndarray, maps: np.ndarray, ranking: PixelRanking | None = None) -> float | None:
+    """Average precision as scikit-learn defines it: precision at each threshold weighted by the recall it adds."""
     truth = np.asarray(masks).ravel() > 0
-    return float(average_precision_score(truth, np.asarray(maps).ravel())) if _both_classes(truth) else None
+    if not _both_classes(truth):
+        return None
+    tps, fps = _roc(truth, ranking or PixelRanking(maps))
+    return float(np.sum(np.diff(tps / tps[-1]) * tps[1:] / (tps[1:] + fps[1:])))
 
 
-def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pro_curve(masks: np.ndarray, maps: np.ndarray, ranking: PixelRanking | None = None) -> tuple[np.ndarray, np.ndarray]:
     """False-positive rate and per-region overlap at every distinct threshold (decreasing).
 
     Each connected component of the ground truth (8-connectivity, per image) is one region; PRO
@@ -37,7 +72,6 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarr
     the share of all normal pixels above it. Exact: one sort of all pixels, no threshold grid.
     """
     masks = np.asarray(masks) > 0
-    maps = np.asarray(maps, dtype=np.float64)
     weights = np.zeros(masks.shape, dtype=np.float64)
     structure = np.ones((3, 3), dtype=int)
     n_regions = 0
@@ -45,26 +79,22 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarr
         labelled, count = ndimage.label(masks[index], structure=structure)
         if count:
             sizes = np.bincount(labelled.ravel())
-            region_weight = np.where(labelled > 0, 1.0 / sizes[labelled], 0.0)
-            weights[index] = region_weight
+            weights[index] = np.where(labelled > 0, 1.0 / sizes[labelled], 0.0)
             n_regions += count
     normal = ~masks.ravel()
     if n_regions == 0 or not normal.any():
         raise ValueError("PRO needs at least one defect region and one normal pixel")
-    order = np.argsort(-maps.ravel(), kind="stable")
-    scores = maps.ravel()[order]
-    fpr = np.cumsum(normal[order]) / normal.sum()
-    pro = np.cumsum(weights.ravel()[order]) / n_regions
-    last_of_tie = np.r_[scores[1:] != scores[:-1], True]
-    return np.r_[0.0, fpr[last_of_tie]], np.r_[0.0, pro[last_of_tie]]
+    ranking = ranking or PixelRanking(maps)
+    fps = ranking.cumulative(normal)
+    return fps / fps[-1], ranking.cumulative(weights) / n_regions
 
 
-def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float | None:
+def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3, ranking: PixelRanking | None = None) -> float | None:
     """Area under the PRO curve up to fpr_limit, divided by fpr_limit (1.0 is perfect)."""
     masks = np.asarray(masks) > 0
     if not masks.any() or masks.all():
         return None
-    fpr, pro = pro_curve(masks, maps)
+    fpr, pro = pro_curve(masks, maps, ranking)
     end = np.searchsorted(fpr, fpr_limit, side="right")
     if end < len(fpr):  # interpolate the curve's value exactly at fpr_limit
         x0, x1, y0, y1 = fpr[end - 1], fpr[end], pro[end - 1], pro[end]
@@ -82,5 +112,7 @@ def compute_metrics(
     if masks is None or maps is None:
         result.update(pixel_auroc=None, pixel_aupr=None, aupro=None)
     else:
-        result.update(pixel_auroc=pixel_auroc(masks, maps), pixel_aupr=pixel_aupr(masks, maps), aupro=aupro(masks, maps))
+        ranking = PixelRanking(maps)
+        result.update(pixel_auroc=pixel_auroc(masks, maps, ranking), pixel_aupr=pixel_aupr(masks, maps, ranking),
+                      aupro=aupro(masks, maps, ranking=ranking))
     return result
