@@ -102,3 +102,31 @@ def test_paper_backbone_alexnet_gives_768_d_vectors() -> None:
                                  coupling_blocks=2, subnet_width=64)
     model = detector.build_model(pretrained=False)
     assert model.embed(torch.rand(2, 3, 448, 448)).shape == (2, 768)  # 448, 224 and 112 px, as in the paper
+
+
+def test_map_is_the_gradient_at_level_1_features_and_earlier_checkpoints_keep_the_pixel_gradient(
+        trained, small_bottle: AnomalyFolder, tmp_path: Path) -> None:
+    from defectflow.checkpoint import read_checkpoint, save_checkpoint
+    from defectflow.data.folder import load_images
+    from defectflow.errors import ConfigError
+    from defectflow.scoring import smooth
+
+    assert trained.config.gradient_map == "features"
+    with pytest.raises(ConfigError, match="use gradient_map input"):
+        defectflow.create("differnet", tile_size=128)
+    model = trained.model
+    images = load_images(small_bottle.test[:2], 128)
+    meta, state = read_checkpoint(trained.save(tmp_path / "new"))
+    config = {k: v for k, v in meta["config"].items() if k != "gradient_map"}  # written before the option
+    old = defectflow.load(save_checkpoint(tmp_path / "old", "differnet", config, state,
+                                          extra={k: meta[k] for k in ("thresholds", "trained_on")}))
+    assert old.config.gradient_map == "input" and old.model.gradient_map == "input"
+    with torch.enable_grad():
+        x = images.clone().requires_grad_(True)
+        z, log_det = model.flow(model.embed(x))
+        (grad,) = torch.autograd.grad((0.5 * z.pow(2).sum(dim=1) - log_det).sum(), x)
+    pixels = smooth(grad.abs().sum(dim=1), model.sigma)
+    torch.testing.assert_close(old.model.raw_map(images), pixels, rtol=1e-4, atol=1e-4 * pixels.max().item())
+    features = model.raw_map(images)
+    assert features.shape == pixels.shape and torch.isfinite(features).all()
+    assert not torch.allclose(features, pixels, rtol=0.05)

@@ -123,5 +123,28 @@ def test_parameters_before_a_level_are_those_of_the_stem_and_shallower_stages(li
     names = {id(p): n for n, p in resnet.body.named_parameters()}
     assert sorted(names[id(p)] for p in resnet.parameters_before(2)) == sorted(
         n for n in names.values() if n.startswith(("conv1.", "bn1.", "layer1.")))
-    with pytest.raises(ConfigError, match="no level 6"):
+    with pytest.raises(ConfigError, match=r"has feature levels \[0, 1, 2, 3, 4\], not 6"):
         lite0.parameters_before(7)
+
+
+def test_gradient_taps_cut_the_graph_at_a_level_with_the_same_gradient(lite0: FeatureExtractor) -> None:
+    """The gradient at a tapped level equals the one a full graph gives there, and nothing before it is recorded."""
+    two = FeatureExtractor("tf_efficientnet_lite0", (1, 4))
+    two.requires_grad_(False)
+    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.enable_grad():
+        x = images.clone().requires_grad_(True)  # the whole graph, from the pixels
+        level1, last = two(x)
+        (expected,) = torch.autograd.grad(last.pow(2).sum(), level1)
+        with two.gradient_taps(1) as taps:
+            last = two(images)[-1]
+        assert len(taps) == 1 and taps[0].is_leaf and taps[0].shape == level1.shape
+        (tapped,) = torch.autograd.grad(last.pow(2).sum(), taps)
+    torch.testing.assert_close(tapped, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+    with two.gradient_taps(1) as taps:  # hooks go when the block ends
+        pass
+    two(images)
+    assert taps == []
+    with pytest.raises(ConfigError, match="is not a module output that can be tapped"):
+        with FeatureExtractor("resnet18", (4,), pretrained=False).gradient_taps(1):
+            pass

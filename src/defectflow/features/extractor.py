@@ -7,8 +7,9 @@ the paper's "layers 2-4" is levels (2, 3, 4) for both libraries.
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -157,16 +158,49 @@ class FeatureExtractor(nn.Module):
                 module.eval()
         return self
 
+    def _stage_name(self, level: int) -> str:
+        """The module (timm) or graph node (torchvision) whose output is `level`'s features."""
+        names = (_TORCHVISION_NODES[self.name] if self.name in _TORCHVISION_NODES
+                 else {i: info["module"] for i, info in enumerate(self.body.feature_info.info)})
+        if level not in names:
+            raise ConfigError(f"{self.name} has feature levels {sorted(names)}, not {level}.")
+        return names[level]
+
+    @contextmanager
+    def gradient_taps(self, level: int) -> Iterator[list[torch.Tensor]]:
+        """Within the block, every forward pass cuts the autograd graph at `level`'s output: that
+        tensor becomes a leaf that requires a gradient and is appended to the yielded list, so a
+        gradient with respect to it runs backward through the later stages only (the stem and the
+        first stages, at the highest resolutions, are most of a backward pass). Refused where the
+        level is not a module's output (torchvision's traced ResNet stages): a probe pass checks."""
+        name = self._stage_name(level)
+        taps: list[torch.Tensor] = []
+
+        def cut(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            leaf = output.detach().requires_grad_(True)
+            taps.append(leaf)
+            return leaf
+
+        bodies = {id(body): body for body in (self.body, self._inference_body())}.values()  # the one that will run
+        hooks = [body.get_submodule(name).register_forward_hook(cut) for body in bodies]
+        try:
+            with torch.no_grad():
+                self._untiled(torch.zeros(1, 3, 64, 64, device=self.mean.device))
+            if not taps:
+                raise ConfigError(f"{self.name}'s level {level} ({name}) is not a module output that can be tapped for a "
+                                  "gradient: use a timm backbone, or a gradient with respect to the input.")
+            taps.clear()
+            yield taps
+        finally:
+            for hook in hooks:
+                hook.remove()
+
     def parameters_before(self, level: int) -> list[nn.Parameter]:
         """Parameters of the stem and stages that run before `level`'s stage (timm's stage modules,
         torchvision's nodes), in any backbone: a probe pass records which modules run first."""
         if level <= 0:
             return []
-        names = (_TORCHVISION_NODES[self.name] if self.name in _TORCHVISION_NODES
-                 else {i: info["module"] for i, info in enumerate(self.body.feature_info.info)})
-        if level - 1 not in names:
-            raise ConfigError(f"{self.name} has feature levels {sorted(names)}: there is no level {level - 1} to stop at.")
-        stage = set(self.body.get_submodule(names[level - 1]).modules())
+        stage = set(self.body.get_submodule(self._stage_name(level - 1)).modules())
         ran: list[nn.Module] = []  # in the order they finished: a GraphModule calls only the leaves
         hooks = [m.register_forward_hook(lambda module, args, output: ran.append(module)) for m in self.body.modules()]
         try:
