@@ -23,6 +23,7 @@ ANOMALIB_TRAIN_SECONDS = 379.0
 
 
 def main() -> None:
+    defectflow.keep_freed_memory()  # as the CLI does (defectflow/memory.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/mvtec/bottle")
     defaults = CFlowConfig()

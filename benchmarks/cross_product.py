@@ -63,6 +63,7 @@ def figures(detector: defectflow.Detector, folder: AnomalyFolder, train_seconds:
 
 
 def main() -> None:
+    defectflow.keep_freed_memory()  # as the CLI does (defectflow/memory.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--methods", nargs="+", default=["cflow", "clscnf", "differnet"])

@@ -21,6 +21,7 @@ from defectflow.report import format_table
 
 
 def main() -> None:
+    defectflow.keep_freed_memory()  # as the CLI does (defectflow/memory.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/mvtec/bottle")
     defaults = DifferNetConfig()

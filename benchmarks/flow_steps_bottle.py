@@ -39,6 +39,7 @@ def seed(value: int) -> None:
 
 
 def main() -> None:
+    defectflow.keep_freed_memory()  # as the CLI does (defectflow/memory.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/mvtec/bottle")
     parser.add_argument("--seed", type=int, default=0)

@@ -17,6 +17,10 @@ BOTTLE = SHARED / "data" / "mvtec" / "bottle"
 os.environ.setdefault("HF_HOME", str(SHARED / "hf-home"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import defectflow  # noqa: E402 - after the environment it reads
+
+defectflow.keep_freed_memory()  # the tests' large tensors reuse freed memory, as under the CLI (memory.py)
+
 
 @pytest.fixture(scope="session")
 def bottle() -> Path:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 from .bench import RUN_FILE, RunRecord, RunSpec, execute_run
 from .errors import ConfigError
 from .files import atomic_write_text
+from .memory import keep_freed_memory
 
 # written into --out by the driver; a task that reads the same token shares the driver's filesystem
 TOKEN_FILE = ".defectflow-driver"
@@ -90,6 +91,7 @@ def _run_task(spec: RunSpec, index: int, out: str, token: str, ship: bool, threa
     if not ray.get_gpu_ids():  # Ray leaves a task without GPUs every GPU: device auto must mean the CPU it reserved
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     torch.set_num_threads(threads)
+    keep_freed_memory()  # a worker is a process of its own: as under the CLI (memory.py)
     lines: list[str] = []
     marker = Path(out) / TOKEN_FILE
     if not ship and marker.is_file() and marker.read_text() == token:

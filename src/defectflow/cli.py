@@ -26,6 +26,7 @@ from .data.images import load_image
 from .data.synthetic import DefectSynthesizer, TextureSource, sample_generator
 from .data.named import DATASETS, category_root
 from .errors import DefectflowError, DefectflowWarning
+from .memory import keep_freed_memory
 from .export import ONNX_FILE, export_int8, export_onnx
 from .metrics import METRIC_NAMES, METRIC_TITLES
 from .report import markdown_table, save_synthetic_grid, write_heatmaps, write_predictions
@@ -424,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 done; 1 done, but some images or runs failed (listed); 2 an error (one line,
     naming what to fix); 130 interrupted (Ctrl-C)."""
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # large tensors reuse freed memory instead of faulting in new pages (memory.py)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
