@@ -70,7 +70,6 @@ def timed_predict(detector, images: torch.Tensor, batch_size: int) -> tuple[Pred
 
 
 def main() -> None:
-    defectflow.keep_freed_memory()  # as the CLI does (defectflow/memory.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/mvtec/bottle")
     parser.add_argument("--out", type=Path, default=Path("runs/speed-bottle"), help="models are trained into (and reused from) here")

@@ -124,3 +124,14 @@ def test_bench_command_and_its_option_errors(bottle_slice: Path, tmp_path: Path,
     options.write_text("{not json")
     assert main(args) == 2
     assert "Cannot read --options" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend, kept", [("torch", True), ("onnx", False), ("openvino", False)])
+def test_freed_memory_is_kept_only_where_pytorch_computes(backend: str, kept: bool, tmp_path: Path, monkeypatch) -> None:
+    import defectflow.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1))
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing"), "--backend", backend, "--data", str(tmp_path)]) == 2
+    assert main(["export", "--checkpoint", str(tmp_path / "missing")]) == 2
+    assert len(calls) == int(kept)  # ONNX Runtime ran slower in a process with it (memory.py); export runs those runtimes

@@ -425,7 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 done; 1 done, but some images or runs failed (listed); 2 an error (one line,
     naming what to fix); 130 interrupted (Ctrl-C)."""
     args = build_parser().parse_args(argv)
-    keep_freed_memory()  # large tensors reuse freed memory instead of faulting in new pages (memory.py)
+    if getattr(args, "backend", "torch") == "torch" and args.handler is not cmd_export:
+        keep_freed_memory()  # PyTorch's large tensors reuse freed memory (memory.py); the exported runtimes ran slower with it
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning

@@ -8,8 +8,11 @@ clone took 35.6 ms that way and 12.0 ms from the kept heap. Measured in one run 
 scoring 53.9 -> 43.8 ms per image, two clscnf fine-tuning epochs 24.5 -> 21.9 s, DifferNet's forward
 pass at 256 x 256 96.6 -> 73.9 ms per image. The allocators that PyTorch's CPU tuning guide
 recommends (jemalloc, tcmalloc) keep freed memory the same way. The cost: the process holds on
-to its peak memory until it exits. The CLI turns this on; the Python API leaves the process's
-allocator alone unless asked (`defectflow.keep_freed_memory()`).
+to its peak memory until it exits, and ONNX Runtime, which has allocators of its own, ran slower
+in such a process (cflow at batch 1: 19.5 and 18.9 -> 27.0 and 28.2 ms per image, two runs each
+way). So the CLI turns it on where PyTorch computes (training, `--backend torch`), not for the
+exported runtimes or `export`; the Python API leaves the process's allocator alone unless asked
+(`defectflow.keep_freed_memory()`).
 """
 
 from __future__ import annotations
