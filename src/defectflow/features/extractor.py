@@ -171,8 +171,9 @@ class FeatureExtractor(nn.Module):
         """Within the block, every forward pass cuts the autograd graph at `level`'s output: that
         tensor becomes a leaf that requires a gradient and is appended to the yielded list, so a
         gradient with respect to it runs backward through the later stages only (the stem and the
-        first stages, at the highest resolutions, are most of a backward pass). Refused where the
-        level is not a module's output (torchvision's traced ResNet stages): a probe pass checks."""
+        first stages, at the highest resolutions, are most of a backward pass). The block must run
+        the extractor; if nothing was tapped, it raises: the level is not a module's output there
+        (torchvision's traced ResNet stages)."""
         name = self._stage_name(level)
         taps: list[torch.Tensor] = []
 
@@ -184,16 +185,13 @@ class FeatureExtractor(nn.Module):
         bodies = {id(body): body for body in (self.body, self._inference_body())}.values()  # the one that will run
         hooks = [body.get_submodule(name).register_forward_hook(cut) for body in bodies]
         try:
-            with torch.no_grad():
-                self._untiled(torch.zeros(1, 3, 64, 64, device=self.mean.device))
-            if not taps:
-                raise ConfigError(f"{self.name}'s level {level} ({name}) is not a module output that can be tapped for a "
-                                  "gradient: use a timm backbone, or a gradient with respect to the input.")
-            taps.clear()
             yield taps
         finally:
             for hook in hooks:
                 hook.remove()
+        if not taps:
+            raise ConfigError(f"{self.name}'s level {level} ({name}) is not a module output that can be tapped for a "
+                              "gradient: use a timm backbone, or a gradient with respect to the input.")
 
     def parameters_before(self, level: int) -> list[nn.Parameter]:
         """Parameters of the stem and stages that run before `level`'s stage (timm's stage modules,

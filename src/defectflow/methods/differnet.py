@@ -184,8 +184,8 @@ class DifferNetDetector(Detector):
         extractor = self.build_extractor(pretrained)
         dims = extractor.channels[-1] * len(c.scales)
         if c.gradient_map == "features":
-            with extractor.gradient_taps(MAP_LEVEL):  # refuses a backbone whose level cannot be tapped, before training
-                pass
+            with extractor.gradient_taps(MAP_LEVEL), torch.no_grad():  # refuses a backbone whose level cannot be tapped, before training
+                extractor(torch.zeros(1, 3, 64, 64))
         return DifferNetModel(extractor, image_flow(dims, c.coupling_blocks, c.clamp, c.subnet_width), c)
 
     def fit(self, data, progress: bool = True, log_test: bool = False) -> "DifferNetDetector":
