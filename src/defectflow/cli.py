@@ -26,8 +26,8 @@ from .data.images import load_image
 from .data.synthetic import DefectSynthesizer, TextureSource, sample_generator
 from .data.named import DATASETS, category_root
 from .errors import DefectflowError, DefectflowWarning
-from .memory import keep_freed_memory
 from .export import ONNX_FILE, export_int8, export_onnx
+from .memory import keep_freed_memory
 from .metrics import METRIC_NAMES, METRIC_TITLES
 from .report import markdown_table, save_synthetic_grid, write_heatmaps, write_predictions
 from .workflow import prepare_output, report_evaluation, train_and_evaluate
