@@ -182,13 +182,11 @@ class FeatureExtractor(nn.Module):
             taps.append(leaf)
             return leaf
 
-        bodies = {id(body): body for body in (self.body, self._inference_body())}.values()  # the one that will run
-        hooks = [body.get_submodule(name).register_forward_hook(cut) for body in bodies]
+        hook = self._inference_body().get_submodule(name).register_forward_hook(cut)  # the body (or folded copy) that runs
         try:
             yield taps
         finally:
-            for hook in hooks:
-                hook.remove()
+            hook.remove()
         if not taps:
             raise ConfigError(f"{self.name}'s level {level} ({name}) is not a module output that can be tapped for a "
                               "gradient: use a timm backbone, or a gradient with respect to the input.")
