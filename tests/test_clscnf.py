@@ -8,6 +8,7 @@ import torch
 
 import defectflow
 from defectflow.data.folder import AnomalyFolder
+from defectflow.errors import ConfigError
 from defectflow.features.extractor import FeatureExtractor
 from defectflow.methods.clscnf import FUSION_WEIGHTS
 
@@ -57,10 +58,12 @@ def test_tuned_fusion_weight_is_the_best_on_validation(trained) -> None:
 
 def test_fused_map_is_the_sum_of_calibrated_heads_from_one_extractor_pass(trained, small_bottle: AnomalyFolder) -> None:
     calls = []
-    handle = trained.model.extractor.register_forward_hook(lambda *args: calls.append(1))
+    model = trained.model
+    handles = [e.register_forward_hook(lambda *args, e=e: calls.append(e)) for e in (model.extractor, model.flow_extractor)]
     prediction = trained.predict(list(small_bottle.test), progress=False)
-    handle.remove()
-    assert len(calls) == 1  # 6 images, batch 8: one pass feeds both heads
+    for handle in handles:
+        handle.remove()
+    assert calls == [model.extractor]  # 6 images, batch 8: one pass through the shallow stages feeds both heads
     flow, classifier = prediction.head_maps["flow"], prediction.head_maps["classifier"]
     assert trained.config.fusion == "calibrated" and trained.model.fusion_weight.item() == 1.0
     # each head's scale: median 0 and maximum 1 on the held-out images before their synthetic defects
@@ -97,11 +100,31 @@ def test_save_load_whole_system(trained, small_bottle: AnomalyFolder, tmp_path: 
         np.testing.assert_allclose(after.head_maps[head], before.head_maps[head], rtol=1e-4, atol=1e-5)
 
 
-def test_unshared_baseline_keeps_an_imagenet_extractor_for_the_flows(trained, small_bottle: AnomalyFolder) -> None:
-    unshared = defectflow.create("clscnf", **TINY, shared=False).fit(small_bottle, progress=False, classifier_from=trained)
-    model = unshared.model
+def test_flows_branch_off_the_untuned_stages_with_imagenet_weights(trained, small_bottle: AnomalyFolder) -> None:
+    """The default: the flows see what a whole ImageNet extractor gives, computed from the stage-1 output the heads share."""
+    model = trained.model
     imagenet = FeatureExtractor("tf_efficientnet_lite0", (2, 3, 4))
     assert all(torch.equal(v, imagenet.state_dict()[k]) for k, v in model.flow_extractor.state_dict().items())
+    assert model.branch == (1, 1)  # tuned from level 2: level 1 (decoder output 1) keeps its ImageNet weights
+    images = trained.validation.clean[:2]
+    with torch.no_grad():
+        for got, want in zip(model.flow_features(images, model.extractor(images)), imagenet(images), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    # fine-tuning every stage leaves no ImageNet stage to branch from: the flows' extractor makes a whole pass
+    assert defectflow.create("clscnf", tune_from_level=0).build_model(pretrained=False).branch is None
+    with pytest.raises(ConfigError, match="give both the same tune_from_level"):
+        defectflow.create("clscnf", **TINY, tune_from_level=3).fit(small_bottle, progress=False, classifier_from=trained)
+
+
+def test_shared_system_feeds_the_fine_tuned_features_to_the_flows(trained, small_bottle: AnomalyFolder, tmp_path: Path) -> None:
+    donor = defectflow.load(trained.save(tmp_path / "model"))  # a saved stage 1 serves as well as a fresh one
+    shared = defectflow.create("clscnf", **TINY, shared=True).fit(small_bottle, progress=False, classifier_from=donor)
+    model = shared.model
+    assert model.flow_extractor is None and model.branch is None
     assert all(torch.equal(v, trained.model.decoder.state_dict()[k]) for k, v in model.decoder.state_dict().items())
-    prediction = unshared.predict(list(small_bottle.test[:2]), progress=False)
+    images = trained.validation.clean[:2]
+    with torch.no_grad():
+        features = model.extractor(images)
+        assert all(torch.equal(f, features[i]) for f, i in zip(model.flow_features(images, features), (2, 3, 4), strict=True))
+    prediction = shared.predict(list(small_bottle.test[:2]), progress=False)
     assert prediction.maps.shape == (2, 128, 128)

@@ -147,3 +147,21 @@ def test_gradient_taps_cut_the_graph_at_a_level_with_the_same_gradient(lite0: Fe
     with pytest.raises(ConfigError, match="is not a module output that can be tapped"):
         with resnet.gradient_taps(1):
             resnet(images)
+
+
+def test_forward_after_a_level_gives_the_features_of_a_full_pass(lite0: FeatureExtractor) -> None:
+    """clscnf's flows branch off a shared stage: from level 1's output, lite0's levels 2-4 as a full pass gives them."""
+    deep = FeatureExtractor("tf_efficientnet_lite0", (0, 1, 2, 3, 4))
+    deep.requires_grad_(False)
+    lite0.requires_grad_(False)  # both folded, as at inference
+    images = torch.rand(2, 3, 96, 160, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        every = deep(images)
+        for level in (0, 1):
+            assert lite0.resumes_after(level)
+            for got, want in zip(lite0.forward_after(level, every[level]), lite0(images), strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert not lite0.resumes_after(2) and not lite0.resumes_after(-1)  # the first level it gives, a level that is not
+    # a body that is not a chain of modules (torchvision's traced graph) and tiling get a full pass instead
+    assert not FeatureExtractor("resnet18", (2, 3, 4), pretrained=False).resumes_after(1)
+    assert not FeatureExtractor("tf_efficientnet_lite0", (2, 3, 4), tile=128, overlap=32).resumes_after(1)

@@ -158,10 +158,14 @@ class FeatureExtractor(nn.Module):
                 module.eval()
         return self
 
+    def _stage_names(self) -> dict[int, str]:
+        """level -> the module (timm) or graph node (torchvision) whose output is its features."""
+        if self.name in _TORCHVISION_NODES:
+            return _TORCHVISION_NODES[self.name]
+        return {i: info["module"] for i, info in enumerate(self.body.feature_info.info)}
+
     def _stage_name(self, level: int) -> str:
-        """The module (timm) or graph node (torchvision) whose output is `level`'s features."""
-        names = (_TORCHVISION_NODES[self.name] if self.name in _TORCHVISION_NODES
-                 else {i: info["module"] for i, info in enumerate(self.body.feature_info.info)})
+        names = self._stage_names()
         if level not in names:
             raise ConfigError(f"{self.name} has feature levels {sorted(names)}, not {level}.")
         return names[level]
@@ -207,6 +211,64 @@ class FeatureExtractor(nn.Module):
                 hook.remove()
         last = max(i for i, module in enumerate(ran) if module in stage)
         return list(dict.fromkeys(p for m in ran[: last + 1] for p in m.parameters(recurse=False)))
+
+    def _chain(self, body: nn.Module) -> list[tuple[str, nn.Module]]:
+        """body's top-level modules in order, a Sequential that holds stages opened into its
+        children (timm EfficientNets: conv_stem, bn1, blocks.0, ..., blocks.6)."""
+        stages = set(self._stage_names().values())
+        units: list[tuple[str, nn.Module]] = []
+        for name, child in body.named_children():
+            if isinstance(child, nn.Sequential) and any(s.startswith(name + ".") for s in stages):
+                units += [(f"{name}.{n}", m) for n, m in child.named_children()]
+            else:
+                units.append((name, child))
+        return units
+
+    def resumes_after(self, level: int) -> bool:
+        """Whether forward_after(level, ...) gives this extractor's features: the body must run
+        as a chain of modules (as timm's EfficientNets and ResNets do) and every level of this
+        extractor must lie deeper than `level`; not with tiling. Checked on a probe, so a body
+        this does not understand gets a full pass (speed, never features)."""
+        if self.tile is not None or not 0 <= level < min(self.levels):
+            return False
+        units = self._chain(self.body)
+        names = [name for name, _ in units]
+        stages = self._stage_names()
+        if level not in stages or any(stages.get(l) not in names for l in (level, *self.levels)):
+            return False
+        probe = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(self.mean.device)
+        normalised = ((probe - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        try:
+            with torch.no_grad():
+                x = normalised
+                for _, unit in units[: names.index(stages[level]) + 1]:
+                    x = unit(x)
+                resumed = self._forward_after(self.body, level, x)
+                whole = self._run(self.body, normalised)
+        except Exception:  # noqa: BLE001 - a module that does not run alone (a traced graph's containers)
+            return False
+        return all(torch.allclose(r, w, rtol=1e-4, atol=1e-5 * float(w.abs().max())) for r, w in zip(resumed, whole))
+
+    def forward_after(self, level: int, features: torch.Tensor) -> list[torch.Tensor]:
+        """This extractor's features computed from its own `level` output, without running the
+        stem and the stages before: an extractor whose shallow stages another one shares (clscnf's
+        flows) costs only its deeper stages. Only where resumes_after(level)."""
+        return self._forward_after(self._inference_body(), level, features)
+
+    def _forward_after(self, body: nn.Module, level: int, features: torch.Tensor) -> list[torch.Tensor]:
+        stages = self._stage_names()
+        wanted = {stages[l]: l for l in self.levels}
+        units = self._chain(body)
+        start = [name for name, _ in units].index(stages[level]) + 1
+        out: dict[int, torch.Tensor] = {}
+        x = features
+        for name, unit in units[start:]:
+            if len(out) == len(wanted):
+                break
+            x = unit(x)
+            if name in wanted:
+                out[wanted[name]] = x
+        return [out[l] for l in self.levels]
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         if self.tile is not None and max(images.shape[-2:]) > self.tile:

@@ -1,6 +1,7 @@
 """The system of Oh & Kim (IEEE Access 2024), here `clscnf`: a pixelwise classifier trained on
-synthetic defects fine-tunes the extractor, conditional flows then model normal features of
-that fine-tuned, frozen extractor, and the two maps are fused.
+synthetic defects fine-tunes the extractor, conditional flows then model normal features (of
+that fine-tuned, frozen extractor in the paper; see Sharing for the default), and the two maps
+are fused.
 
 Stage 1: the decoder learns on synthetic defects with the extractor frozen, then both learn
 together (lower learning rate for the extractor; BatchNorm statistics stay frozen). Stage 2:
@@ -21,9 +22,13 @@ nothing about the weight is learned from synthetic defects. Measured on one trai
 
 Sharing. On every product measured (bottle, KolektorSDD, elpv) the flows fitted the ImageNet
 extractor's features better than the fine-tuned ones (KolektorSDD flow-head AUPRO 76.29 shared,
-88.07 on ImageNet features), so `shared=False` or no fine-tuning (`joint_epochs=0`) gave better
-fused maps there; the default stays the paper's shared system (README, "what the shared,
-fine-tuned extractor costs the flows").
+88.07 on ImageNet features), while fine-tuning helped the classifier on bottle and elpv. So by
+default the heads share what fine-tuning leaves alone and part where it starts: one pass through
+the stem and the untuned shallow stages (most of a pass: the highest resolutions) feeds both; the
+classifier reads the fine-tuned deeper stages, the flows the same stages with ImageNet weights,
+run from the shared stage's output (`ClsCNFModel.branch`). That scored at or above the paper's
+shared system on all four metrics of all three products and above cflow on KolektorSDD (README,
+"what the shared, fine-tuned extractor costs the flows"); `shared=True` is the paper's system.
 """
 
 from __future__ import annotations
@@ -71,7 +76,8 @@ class ClsCNFConfig(CFlowConfig):
     fusion: str = option("calibrated", "calibrated: both heads on one scale from held-out good images, then added; "
                                             "tuned (the paper's): raw heads, the classifier's weight tuned on the synthetic validation set")
     fusion_weight: float | None = option(None, "weight of the classifier map in the fused map (default: 1 calibrated, tuned when tuned)")
-    shared: bool = option(True, "flows use the fine-tuned extractor (off: their own ImageNet extractor, the paper's baseline)")
+    shared: bool = option(False, "flows on the fine-tuned extractor, the paper's shared system (off: the flows keep ImageNet weights "
+                                 "from the fine-tuned stages up, branching off the untuned shallow stages both heads share)")
 
     @classmethod
     def from_json(cls, data: dict) -> "ClsCNFConfig":
@@ -102,8 +108,10 @@ class ClsCNFConfig(CFlowConfig):
 class ClsCNFModel(nn.Module):
     """images -> {"map": fused, "score", "flow": calibrated flow map, "classifier": defect probability, "frame": guard deviations}.
 
-    One pass through the extractor feeds both heads when shared; otherwise the flows have an
-    extractor of their own.
+    One pass through the extractor feeds both heads when shared. Otherwise the flows have an
+    extractor of their own, with ImageNet weights; `branch` = (level, index among the extractor's
+    outputs) names the deepest stage fine-tuning left at ImageNet weights, from whose output the
+    flows' extractor goes on alone, so the stem and shallow stages still run once for both heads.
     """
 
     def __init__(
@@ -115,12 +123,14 @@ class ClsCNFModel(nn.Module):
         decoder_index: Sequence[int],
         input_size: tuple[int, int],
         flow_extractor: FeatureExtractor | None = None,
+        branch: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.extractor = extractor
         self.decoder = decoder
         self.scorer = scorer
         self.flow_extractor = flow_extractor
+        self.branch = branch
         self.flow_index = tuple(flow_index)
         self.decoder_index = tuple(decoder_index)
         self.input_size = tuple(input_size)
@@ -134,9 +144,12 @@ class ClsCNFModel(nn.Module):
         return self.decoder([features[i] for i in self.decoder_index], self.input_size)
 
     def flow_features(self, images: torch.Tensor, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if self.flow_extractor is not None:
-            return self.flow_extractor(images)
-        return [features[i] for i in self.flow_index]
+        if self.flow_extractor is None:
+            return [features[i] for i in self.flow_index]
+        if self.branch is not None:
+            level, index = self.branch
+            return self.flow_extractor.forward_after(level, features[index])
+        return self.flow_extractor(images)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.extractor(images)
@@ -170,20 +183,27 @@ class ClsCNFDetector(Detector):
         c = self.config
         union, flow_index, decoder_index = self._levels()
         extractor = self.build_extractor(pretrained, union)
-        flow_extractor = None
+        flow_extractor, branch = None, None
         if not c.shared:
-            flow_extractor = self.build_extractor(pretrained)
+            with torch.random.fork_rng(devices=[]):  # timm draws an init before loading weights: stage 1 stays as when shared
+                flow_extractor = self.build_extractor(pretrained)
             flow_channels = flow_extractor.channels
+            level = self._tune_from_level() - 1  # the deepest stage that keeps its ImageNet weights
+            if level in union and flow_extractor.resumes_after(level):
+                branch = (level, union.index(level))
         else:
             flow_channels = [extractor.channels[i] for i in flow_index]
         decoder = SegmentationDecoder([extractor.channels[i] for i in decoder_index], c.decoder_width)
         scorer = build_flow_scorer(c, flow_channels)  # the same flows and calibration as CFlow-AD
-        return ClsCNFModel(extractor, decoder, scorer, flow_index, decoder_index, c.input_size, flow_extractor)
+        return ClsCNFModel(extractor, decoder, scorer, flow_index, decoder_index, c.input_size, flow_extractor, branch)
 
     # -- training ------------------------------------------------------------------------------
     def fit(self, data, progress: bool = True, classifier_from: "ClsCNFDetector | None" = None) -> "ClsCNFDetector":
         """Train both stages; classifier_from reuses another clscnf detector's trained stage 1
         (same backbone and levels), e.g. to build the unshared baseline without training it twice."""
+        if classifier_from is not None and classifier_from._tune_from_level() != self._tune_from_level():
+            raise ConfigError(f"classifier_from fine-tuned from level {classifier_from._tune_from_level()}, this detector from "
+                              f"{self._tune_from_level()}: give both the same tune_from_level")
         self._classifier_from = classifier_from
         return super().fit(data, progress)
 
@@ -202,7 +222,7 @@ class ClsCNFDetector(Detector):
             donor = self._classifier_from._require_model()
             model.extractor.load_state_dict(donor.extractor.state_dict())
             model.decoder.load_state_dict(donor.decoder.state_dict())
-            self.classifier_history = list(self._classifier_from.classifier_history)
+            self.classifier_history = list(getattr(self._classifier_from, "classifier_history", []))  # none when loaded
         else:
             self.classifier_history = self._train_classifier(images, synthesizer, progress)
         self.fit_seconds["classifier"] = time.perf_counter() - start
