@@ -185,7 +185,8 @@ class ClsCNFDetector(Detector):
         extractor = self.build_extractor(pretrained, union)
         flow_extractor, branch = None, None
         if not c.shared:
-            with torch.random.fork_rng(devices=[]):  # timm draws an init before loading weights: stage 1 stays as when shared
+            # timm draws a random init before loading the weights: keep the stream, so stage 1 trains as when shared
+            with torch.random.fork_rng(devices=[]):
                 flow_extractor = self.build_extractor(pretrained)
             flow_channels = flow_extractor.channels
             level = self._tune_from_level() - 1  # the deepest stage that keeps its ImageNet weights
@@ -200,7 +201,8 @@ class ClsCNFDetector(Detector):
     # -- training ------------------------------------------------------------------------------
     def fit(self, data, progress: bool = True, classifier_from: "ClsCNFDetector | None" = None) -> "ClsCNFDetector":
         """Train both stages; classifier_from reuses another clscnf detector's trained stage 1
-        (same backbone and levels), e.g. to build the unshared baseline without training it twice."""
+        (same backbone, levels and tune_from_level), e.g. to build the paper's shared system beside
+        the default without training stage 1 twice."""
         if classifier_from is not None and classifier_from._tune_from_level() != self._tune_from_level():
             raise ConfigError(f"classifier_from fine-tuned from level {classifier_from._tune_from_level()}, this detector from "
                               f"{self._tune_from_level()}: give both the same tune_from_level")
