@@ -232,36 +232,30 @@ class FeatureExtractor(nn.Module):
         if self.tile is not None or not 0 <= level < min(self.levels):
             return False
         units = self._chain(self.body)
-        names = [name for name, _ in units]
         stages = self._stage_names()
-        if level not in stages or any(stages.get(l) not in names for l in (level, *self.levels)):
+        if level not in stages or any(stages.get(l) not in dict(units) for l in (level, *self.levels)):
             return False
         probe = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(self.mean.device)
         normalised = ((probe - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         try:
             with torch.no_grad():
-                x = normalised
-                for _, unit in units[: names.index(stages[level]) + 1]:
-                    x = unit(x)
-                resumed = self._forward_after(self.body, level, x)
+                chained = self._run_chain(units, normalised, 0)
                 whole = self._run(self.body, normalised)
         except Exception:  # noqa: BLE001 - a module that does not run alone (a traced graph's containers)
             return False
-        return all(torch.allclose(r, w, rtol=1e-4, atol=1e-5 * float(w.abs().max())) for r, w in zip(resumed, whole))
+        return all(torch.allclose(c, w, rtol=1e-4, atol=1e-5 * float(w.abs().max())) for c, w in zip(chained, whole))
 
     def forward_after(self, level: int, features: torch.Tensor) -> list[torch.Tensor]:
         """This extractor's features computed from its own `level` output, without running the
         stem and the stages before: an extractor whose shallow stages another one shares (clscnf's
         flows) costs only its deeper stages. Only where resumes_after(level)."""
-        return self._forward_after(self._inference_body(), level, features)
+        units = self._chain(self._inference_body())
+        return self._run_chain(units, features, [name for name, _ in units].index(self._stage_name(level)) + 1)
 
-    def _forward_after(self, body: nn.Module, level: int, features: torch.Tensor) -> list[torch.Tensor]:
-        stages = self._stage_names()
-        wanted = {stages[l]: l for l in self.levels}
-        units = self._chain(body)
-        start = [name for name, _ in units].index(stages[level]) + 1
+    def _run_chain(self, units: list[tuple[str, nn.Module]], x: torch.Tensor, start: int) -> list[torch.Tensor]:
+        """This extractor's levels from running units[start:] on x, up to the deepest level."""
+        wanted = {self._stage_name(l): l for l in self.levels}
         out: dict[int, torch.Tensor] = {}
-        x = features
         for name, unit in units[start:]:
             if len(out) == len(wanted):
                 break
