@@ -98,6 +98,9 @@ def test_save_load_whole_system(trained, small_bottle: AnomalyFolder, tmp_path: 
     np.testing.assert_allclose(after.maps, before.maps, rtol=1e-4, atol=1e-5)
     for head in ("flow", "classifier"):
         np.testing.assert_allclose(after.head_maps[head], before.head_maps[head], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="set_fusion needs the synthetic validation set"):
+        loaded.set_fusion("tuned")  # without the validation set it would drop the saved calibration
+    np.testing.assert_array_equal(loaded.model.head_high.numpy(), trained.model.head_high.numpy())
 
 
 def test_flows_branch_off_the_untuned_stages_with_imagenet_weights(trained, small_bottle: AnomalyFolder) -> None:

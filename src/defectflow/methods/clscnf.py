@@ -241,7 +241,7 @@ class ClsCNFDetector(Detector):
         model.scorer.calibrate(features, c.position_reference)
         self.fit_seconds["flows"] = time.perf_counter() - start
 
-        self.set_fusion(c.fusion)
+        self._fuse(c.fusion)
         model.eval()
 
     def _tune_from_level(self) -> int:
@@ -320,6 +320,15 @@ class ClsCNFDetector(Detector):
         return validation_score(self.validation.labels, self.validation.masks.numpy(), maps)
 
     def set_fusion(self, fusion: str) -> None:
+        """Fuse the heads of a detector trained here the other way (e.g. to compare the two fusions of
+        one training). It needs the validation set fit() built: a loaded detector has none, and
+        re-fusing it would drop its calibration."""
+        if self.validation is None:
+            raise ConfigError("set_fusion needs the synthetic validation set that fit() builds, and this detector has none "
+                              f"(loaded from a checkpoint, or trained without held-out images): train with fusion={fusion!r} instead.")
+        self._fuse(fusion)
+
+    def _fuse(self, fusion: str) -> None:
         """Put the heads' scales and the classifier's weight in the model for `fusion` (see the module doc)."""
         c, model = self.config, self.model
         model.head_low.fill_(0.0)
