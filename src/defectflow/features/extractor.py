@@ -212,6 +212,10 @@ class FeatureExtractor(nn.Module):
         last = max(i for i, module in enumerate(ran) if module in stage)
         return list(dict.fromkeys(p for m in ran[: last + 1] for p in m.parameters(recurse=False)))
 
+    def _probe(self) -> torch.Tensor:
+        """A fixed random 64 x 64 image for checking a rewritten body against the original."""
+        return torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(self.mean.device)
+
     def _chain(self, body: nn.Module) -> list[tuple[str, nn.Module]]:
         """body's top-level modules in order, a Sequential that holds stages opened into its
         children (timm EfficientNets: conv_stem, bn1, blocks.0, ..., blocks.6)."""
@@ -232,11 +236,10 @@ class FeatureExtractor(nn.Module):
         if self.tile is not None or not 0 <= level < min(self.levels):
             return False
         units = self._chain(self.body)
-        stages = self._stage_names()
-        if level not in stages or any(stages.get(l) not in dict(units) for l in (level, *self.levels)):
+        stages, names = self._stage_names(), dict(units)
+        if level not in stages or any(stages.get(l) not in names for l in (level, *self.levels)):
             return False
-        probe = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(self.mean.device)
-        normalised = ((probe - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        normalised = ((self._probe() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         try:
             with torch.no_grad():
                 chained = self._run_chain(units, normalised, 0)
@@ -254,7 +257,8 @@ class FeatureExtractor(nn.Module):
 
     def _run_chain(self, units: list[tuple[str, nn.Module]], x: torch.Tensor, start: int) -> list[torch.Tensor]:
         """This extractor's levels from running units[start:] on x, up to the deepest level."""
-        wanted = {self._stage_name(l): l for l in self.levels}
+        stages = self._stage_names()
+        wanted = {stages[l]: l for l in self.levels}
         out: dict[int, torch.Tensor] = {}
         for name, unit in units[start:]:
             if len(out) == len(wanted):
@@ -285,6 +289,5 @@ class FeatureExtractor(nn.Module):
         tensors = itertools.chain(self.body.parameters(), self.body.buffers())
         fingerprint = tuple((t.data_ptr(), t._version) for t in tensors)
         if self._folded is None or self._folded[0] != fingerprint:
-            probe = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(self.mean.device)
-            self._folded = (fingerprint, folded_copy(self.body, probe, self._run))
+            self._folded = (fingerprint, folded_copy(self.body, self._probe(), self._run))
         return self.body if self._folded[1] is None else self._folded[1]
