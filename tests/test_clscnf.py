@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import defectflow
+from defectflow.checkpoint import read_checkpoint, save_checkpoint
 from defectflow.data.folder import AnomalyFolder
 from defectflow.errors import ConfigError
 from defectflow.features.extractor import FeatureExtractor
@@ -52,6 +53,11 @@ def test_tuned_fusion_weight_is_the_best_on_validation(trained) -> None:
         assert weight in FUSION_WEIGHTS
         assert trained.fusion_scores[weight] == max(trained.fusion_scores.values())
         assert trained.model.head_low.tolist() == [0, 0] and trained.model.head_high.tolist() == [1, 1]
+        # the fused map's normal level follows the fusion: here the raw flow map plus weight x the classifier's
+        moments = trained._normal_moments
+        mean, sd = moments[0] + weight * moments[1], (moments[2] + weight ** 2 * moments[3] + 2 * weight * moments[4]
+                                                        - (moments[0] + weight * moments[1]) ** 2).clamp_min(0).sqrt()
+        torch.testing.assert_close(trained.model.fused_low, (mean + 2 * sd).clamp_min(0).float())
     finally:
         trained.set_fusion("calibrated")
 
@@ -75,10 +81,13 @@ def test_fused_map_is_the_sum_of_calibrated_heads_from_one_extractor_pass(traine
     expected = (flow - low[0]) / (high[0] - low[0]) + (classifier - low[1]) / (high[1] - low[1])
     np.testing.assert_allclose(prediction.maps, expected, rtol=1e-4, atol=1e-4)
     assert classifier.min() >= 0 and classifier.max() <= 1
-    # the score: the max of what lies above the flow's per-pixel normal level, on the fused map's scale
-    level = trained.model.scorer.position_low.numpy() / (high[0] - low[0])
-    assert level.max() > 0
-    np.testing.assert_allclose(prediction.scores, (prediction.maps - level).reshape(6, -1).max(1), rtol=1e-5)
+    # the score: the max of what lies above each pixel's normal level of the fused map, mean + 2 sd
+    # of the fused maps of the training images the flows learned from
+    held_out = {s.path for s in trained.validation.sources}
+    kept = trained.predict([s for s in small_bottle.train if s.path not in held_out], progress=False).maps
+    level = np.clip(kept.mean(0) + 2 * kept.std(0), 0, None)
+    np.testing.assert_allclose(trained.model.fused_low.numpy(), level, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(prediction.scores, (prediction.maps - level).reshape(6, -1).max(1), rtol=1e-4, atol=1e-4)
 
 
 def test_heads_find_real_defects(trained, small_bottle: AnomalyFolder) -> None:
@@ -98,6 +107,16 @@ def test_save_load_whole_system(trained, small_bottle: AnomalyFolder, tmp_path: 
     np.testing.assert_allclose(after.maps, before.maps, rtol=1e-4, atol=1e-5)
     for head in ("flow", "classifier"):
         np.testing.assert_allclose(after.head_maps[head], before.head_maps[head], rtol=1e-4, atol=1e-5)
+    # a checkpoint saved before the fused map had its own normal level scores as it did then: above
+    # the flow head's level, on the flow map's scale in the fused map
+    meta, state = read_checkpoint(tmp_path / "model")
+    del state["fused_low"]
+    old = defectflow.load(save_checkpoint(tmp_path / "old", "clscnf", meta["config"], state, extra={"thresholds": meta["thresholds"]}))
+    model = old.model
+    level = model.scorer.position_low / (model.head_high[0] - model.head_low[0])
+    assert level.max() > 0
+    predicted = old.predict(list(small_bottle.test), progress=False)
+    np.testing.assert_allclose(predicted.scores, (predicted.maps - level.numpy()).reshape(len(predicted.maps), -1).max(1), rtol=1e-5)
     with pytest.raises(ConfigError, match="set_fusion needs the synthetic validation set"):
         loaded.set_fusion("tuned")  # without the validation set it would drop the saved calibration
     np.testing.assert_array_equal(loaded.model.head_high.numpy(), trained.model.head_high.numpy())

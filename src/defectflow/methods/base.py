@@ -45,7 +45,7 @@ T = TypeVar("T")
 # defaults (the guard uncalibrated, the heads' scales the identity).
 LEGACY_OPTIONS: dict[str, Any] = {"tile_size": None, "tile_overlap": 64, "mask_resampling": "cover", "position_reference": False,
                                    "train_precision": "fp32", "tune_from_level": 0, "gradient_map": "input"}
-ADDED_LATER = ("guard.", "head_low", "head_high", "scorer.position_low")
+ADDED_LATER = ("guard.", "head_low", "head_high", "scorer.position_low", "fused_low")
 
 
 PRECISIONS = ("auto", "bf16", "fp32")

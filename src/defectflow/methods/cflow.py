@@ -104,15 +104,15 @@ class FlowScorer(nn.Module):
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         return normalise(self.raw_map(self.flows(features)), self.map_low, self.map_high)
 
-    def image_score(self, maps: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
-        """The image score of maps that hold this flow map times `scale` (plus other heads'): the
-        max (or mean) of what lies above each pixel's normal level."""
-        return image_scores(maps - scale * self.position_low, self.reduction)
+    def image_score(self, maps: torch.Tensor) -> torch.Tensor:
+        """The max (or mean) of what lies above each pixel's normal level."""
+        return image_scores(maps - self.position_low, self.reduction)
 
     @torch.no_grad()
-    def calibrate(self, features: Sequence[torch.Tensor], position: bool, chunk: int = 16) -> None:
+    def calibrate(self, features: Sequence[torch.Tensor], position: bool, chunk: int = 16) -> torch.Tensor:
         """Per-level references, the map's low (mean) and high (max) from normal features, and with
-        `position` each pixel's normal level (mean + POSITION_SPREAD sd of the calibrated maps)."""
+        `position` each pixel's normal level (mean + POSITION_SPREAD sd of the calibrated maps).
+        Returns those images' calibrated maps (what forward() gives for them)."""
         self.eval()
         n_images = features[0].shape[0]
         level_ll = [
@@ -123,11 +123,12 @@ class FlowScorer(nn.Module):
         raw = torch.cat([self.raw_map([ll[i:i + chunk] for ll in level_ll]) for i in range(0, n_images, chunk)])
         self.map_low.copy_(raw.mean())
         self.map_high.copy_(raw.max())
+        normal = normalise(raw, self.map_low, self.map_high)
         self.position_low.zero_()
         if position:
-            normal = normalise(raw, self.map_low, self.map_high)
             level = normal.mean(dim=0) + POSITION_SPREAD * normal.std(dim=0, correction=0)
             self.position_low.copy_(level.clamp_min(0.0))
+        return normal
 
 
 class FlowMapModel(nn.Module):

@@ -53,7 +53,7 @@ from ..heads.guard import FrameGuard
 from ..metrics import compute_metrics
 from ..scoring import image_scores, normalise
 from .base import Detector, at_least, option, positive, train_autocast
-from .cflow import CFlowConfig, FlowScorer, build_flow_scorer, collect_features, train_flows
+from .cflow import POSITION_SPREAD, CFlowConfig, FlowScorer, build_flow_scorer, collect_features, train_flows
 
 FUSION_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0)
 FUSIONS = ("calibrated", "tuned")
@@ -139,6 +139,8 @@ class ClsCNFModel(nn.Module):
         # each head's (0, 1) points in the fused map, per head (flow, classifier); identity until calibrated
         self.register_buffer("head_low", torch.zeros(2))
         self.register_buffer("head_high", torch.ones(2))
+        # each pixel's normal level in the fused map: the image score is the max of what lies above it
+        self.register_buffer("fused_low", torch.zeros(self.input_size))
 
     def classifier_logits(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.decoder([features[i] for i in self.decoder_index], self.input_size)
@@ -157,9 +159,27 @@ class ClsCNFModel(nn.Module):
         flow = self.scorer(self.flow_features(images, features))
         flow_part, classifier_part = (normalise(head, low, high) for head, low, high in zip((flow, classifier), self.head_low, self.head_high))
         fused = flow_part + self.fusion_weight * classifier_part
-        flow_scale = 1.0 / (self.head_high[0] - self.head_low[0]).clamp_min(1e-12)  # the flow map's scale in the fused map
-        return {"map": fused, "score": self.scorer.image_score(fused, flow_scale), "flow": flow, "classifier": classifier,
-                "frame": self.guard(images, features[-1])}
+        return {"map": fused, "score": image_scores(fused - self.fused_low, self.scorer.reduction), "flow": flow,
+                "classifier": classifier, "frame": self.guard(images, features[-1])}
+
+    def fused_level(self, moments: torch.Tensor) -> torch.Tensor:
+        """Each pixel's normal level in the fused map (mean + POSITION_SPREAD sd, as the flow head's),
+        from the heads' per-pixel moments on normal images (see `pixel_moments`) and the fusion in the model."""
+        scale = torch.stack([1.0 / (self.head_high[0] - self.head_low[0]).clamp_min(1e-12),
+                             self.fusion_weight / (self.head_high[1] - self.head_low[1]).clamp_min(1e-12)]).double()
+        mean_flow, mean_classifier, flow_flow, classifier_classifier, flow_classifier = moments.double()
+        mean = scale[0] * (mean_flow - self.head_low[0]) + scale[1] * (mean_classifier - self.head_low[1])
+        variance = (scale[0] ** 2 * (flow_flow - mean_flow ** 2) + scale[1] ** 2 * (classifier_classifier - mean_classifier ** 2)
+                    + 2 * scale[0] * scale[1] * (flow_classifier - mean_flow * mean_classifier))
+        return (mean + POSITION_SPREAD * variance.clamp_min(0.0).sqrt()).clamp_min(0.0).to(self.fused_low.dtype)
+
+
+def pixel_moments(flow: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """Per-pixel sums of the two heads' maps over images (B x H x W each): f, c, f f, c c, f c, stacked.
+    Divided by the number of images they give the mean and sd of any weighted sum of the heads."""
+    flow, classifier = flow.double(), classifier.double()
+    return torch.stack([flow.sum(0), classifier.sum(0), (flow * flow).sum(0), (classifier * classifier).sum(0),
+                        (flow * classifier).sum(0)])
 
 
 def validation_score(labels: np.ndarray, masks: np.ndarray, maps: np.ndarray) -> float:
@@ -172,6 +192,7 @@ class ClsCNFDetector(Detector):
     method = "clscnf"
     config_class = ClsCNFConfig
     config: ClsCNFConfig
+    _normal_moments: torch.Tensor | None = None  # the heads' per-pixel moments on the training images, from fit()
 
     # -- model ---------------------------------------------------------------------------------
     def _levels(self) -> tuple[tuple[int, ...], list[int], list[int]]:
@@ -197,6 +218,14 @@ class ClsCNFDetector(Detector):
         decoder = SegmentationDecoder([extractor.channels[i] for i in decoder_index], c.decoder_width)
         scorer = build_flow_scorer(c, flow_channels)  # the same flows and calibration as CFlow-AD
         return ClsCNFModel(extractor, decoder, scorer, flow_index, decoder_index, c.input_size, flow_extractor, branch)
+
+    @classmethod
+    def from_checkpoint(cls, meta: dict, state: dict[str, torch.Tensor], device: str | None) -> "ClsCNFDetector":
+        detector = super().from_checkpoint(meta, state, device)
+        if "fused_low" not in state:  # saved before the fused map had its own level: the flow head's, on its fused scale
+            model = detector.model
+            model.fused_low.copy_(model.scorer.position_low / (model.head_high[0] - model.head_low[0]).clamp_min(1e-12))
+        return detector
 
     # -- training ------------------------------------------------------------------------------
     def fit(self, data, progress: bool = True, classifier_from: "ClsCNFDetector | None" = None) -> "ClsCNFDetector":
@@ -234,11 +263,21 @@ class ClsCNFDetector(Detector):
             if frozen is not None:
                 frozen.requires_grad_(False)
         model.eval()
-        features = collect_features(
-            lambda batch: model.flow_features(batch, model.extractor(batch)), images.split(c.batch_size), self.device
-        )
+        classifier_maps: list[torch.Tensor] = []
+
+        def features_of(batch: torch.Tensor) -> list[torch.Tensor]:
+            features = model.extractor(batch)
+            classifier_maps.append(torch.sigmoid(model.classifier_logits(features))[:, 0].cpu())  # for the fused map's level
+            return model.flow_features(batch, features)
+
+        features = collect_features(features_of, images.split(c.batch_size), self.device)
         self.loss_history = train_flows(model.scorer.flows, features, c, progress)
-        model.scorer.calibrate(features, c.position_reference)
+        flow_maps = model.scorer.calibrate(features, c.position_reference)
+        # the heads' per-pixel moments over these images: what places the fused map's normal level for any fusion
+        classifier, chunk = torch.cat(classifier_maps), c.batch_size
+        self._normal_moments = sum(
+            pixel_moments(flow_maps[i:i + chunk].cpu(), classifier[i:i + chunk]) for i in range(0, len(classifier), chunk)
+        ) / len(classifier) if c.position_reference else None
         self.fit_seconds["flows"] = time.perf_counter() - start
 
         self._fuse(c.fusion)
@@ -341,6 +380,9 @@ class ClsCNFDetector(Detector):
                 model.head_high[index] = float(maps[name].max())
         weight = c.fusion_weight if c.fusion_weight is not None else 1.0 if fusion == "calibrated" else self._tune_fusion_weight()
         model.fusion_weight.fill_(weight)
+        model.fused_low.zero_()
+        if self._normal_moments is not None:
+            model.fused_low.copy_(model.fused_level(self._normal_moments.to(model.fused_low.device)))
         self.config = dataclasses.replace(c, fusion=fusion)
 
     def _tune_fusion_weight(self) -> float:
