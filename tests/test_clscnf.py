@@ -134,6 +134,15 @@ def test_flows_branch_off_the_untuned_stages_with_imagenet_weights(trained, smal
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     # fine-tuning every stage leaves no ImageNet stage to branch from: the flows' extractor makes a whole pass
     assert defectflow.create("clscnf", tune_from_level=0).build_model(pretrained=False).branch is None
+    # tuned from level 3: flow level 2 comes from the shared pass itself, the flows' extractor runs only the deeper stages
+    later = defectflow.create("clscnf", **TINY, tune_from_level=3).build_model(pretrained=True)
+    assert later.branch == (2, 2) and later.flow_index == (2,) and later.flow_extractor.levels == (3, 4)
+    with torch.no_grad():
+        for got, want in zip(later.flow_features(images, later.extractor(images)), imagenet(images), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    # nothing the flows read is tuned: no extractor of their own at all
+    untuned = defectflow.create("clscnf", tune_from_level=5).build_model(pretrained=False)
+    assert untuned.flow_extractor is None and untuned.flow_index == (2, 3, 4)
     with pytest.raises(ConfigError, match="give both the same tune_from_level"):
         defectflow.create("clscnf", **TINY, tune_from_level=3).fit(small_bottle, progress=False, classifier_from=trained)
 

@@ -70,7 +70,7 @@ class ClsCNFConfig(CFlowConfig):
     joint_epochs: int = option(16, "stage-1 epochs fine-tuning extractor and decoder together")
     tune_from_level: int | None = option(
         None, "fine-tune the extractor from this level's stage up; the stem and shallower stages keep their ImageNet "
-        "weights (None: the shallowest flow level, so every level the flows see is tuned; 0: all, the paper's)")
+        "weights and one pass through them feeds both heads (None: the shallowest flow level; 0: all, the paper's)")
     cls_batch_size: int = option(8, "images per classifier training step")
     defect_probability: float = option(0.5, "share of training images given a synthetic defect")
     fusion: str = option("calibrated", "calibrated: both heads on one scale from held-out good images, then added; "
@@ -111,7 +111,8 @@ class ClsCNFModel(nn.Module):
     One pass through the extractor feeds both heads when shared. Otherwise the flows have an
     extractor of their own, with ImageNet weights; `branch` = (level, index among the extractor's
     outputs) names the deepest stage fine-tuning left at ImageNet weights, from whose output the
-    flows' extractor goes on alone, so the stem and shallow stages still run once for both heads.
+    flows' extractor goes on alone, so the stem and shallow stages still run once for both heads;
+    flow levels up to that stage (flow_index) then come from the shared pass itself.
     """
 
     def __init__(
@@ -146,11 +147,12 @@ class ClsCNFModel(nn.Module):
         return self.decoder([features[i] for i in self.decoder_index], self.input_size)
 
     def flow_features(self, images: torch.Tensor, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        shared = [features[i] for i in self.flow_index]
         if self.flow_extractor is None:
-            return [features[i] for i in self.flow_index]
+            return shared
         if self.branch is not None:
             level, index = self.branch
-            return self.flow_extractor.forward_after(level, features[index])
+            return shared + self.flow_extractor.forward_after(level, features[index])
         return self.flow_extractor(images)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -206,18 +208,28 @@ class ClsCNFDetector(Detector):
         extractor = self.build_extractor(pretrained, union)
         flow_extractor, branch = None, None
         if not c.shared:
-            # timm draws a random init before loading the weights: keep the stream, so stage 1 trains as when shared
-            with torch.random.fork_rng(devices=[]):
-                flow_extractor = self.build_extractor(pretrained)
-            flow_channels = flow_extractor.channels
-            level = self._tune_from_level() - 1  # the deepest stage that keeps its ImageNet weights
-            if level in union and flow_extractor.resumes_after(level):
-                branch = (level, union.index(level))
-        else:
-            flow_channels = [extractor.channels[i] for i in flow_index]
+            flow_extractor, branch, flow_index = self._flow_extractor(pretrained, union)
+        flow_channels = [extractor.channels[i] for i in flow_index] + list(flow_extractor.channels if flow_extractor else [])
         decoder = SegmentationDecoder([extractor.channels[i] for i in decoder_index], c.decoder_width)
         scorer = build_flow_scorer(c, flow_channels)  # the same flows and calibration as CFlow-AD
         return ClsCNFModel(extractor, decoder, scorer, flow_index, decoder_index, c.input_size, flow_extractor, branch)
+
+    def _flow_extractor(self, pretrained: bool, union: tuple[int, ...]) -> tuple[FeatureExtractor | None, tuple[int, int] | None, list[int]]:
+        """The flows' ImageNet extractor when not shared, the branch it resumes from, and which of
+        the main extractor's outputs (indices in `union`) the flows read directly: the flow levels
+        fine-tuning leaves at ImageNet weights, when the branch can start at or after them."""
+        level = self._tune_from_level() - 1  # the deepest stage that keeps its ImageNet weights
+        untuned = [l for l in self.config.levels if l <= level]
+        deeper = [l for l in self.config.levels if l > level]
+        # timm draws a random init before loading the weights: keep the stream, so stage 1 trains as when shared
+        with torch.random.fork_rng(devices=[]):
+            if level in union and set(untuned) <= set(union):
+                if not deeper:  # every flow level untuned: the shared pass gives them all
+                    return None, None, [union.index(l) for l in untuned]
+                flow_extractor = self.build_extractor(pretrained, deeper)
+                if flow_extractor.resumes_after(level):
+                    return flow_extractor, (level, union.index(level)), [union.index(l) for l in untuned]
+            return self.build_extractor(pretrained), None, []  # a whole pass of its own for every flow level
 
     @classmethod
     def from_checkpoint(cls, meta: dict, state: dict[str, torch.Tensor], device: str | None) -> "ClsCNFDetector":
