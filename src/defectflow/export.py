@@ -36,15 +36,15 @@ INT8_WARN_DROP = 0.005  # a metric 0.5 points under fp32 on the calibration chec
 class InferenceGraph(nn.Module):
     """The model's dict output as a fixed tuple (map, score, heads...), the score computed in-graph."""
 
-    def __init__(self, model: nn.Module, reduction: str, outputs: list[str]) -> None:
+    def __init__(self, model: nn.Module, score_rule: tuple[str, int], outputs: list[str]) -> None:
         super().__init__()
         self.model = model
-        self.reduction = reduction
+        self.score_rule = score_rule
         self.outputs = outputs
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = dict(self.model(images))
-        out.setdefault("score", image_scores(out["map"], self.reduction))
+        out.setdefault("score", image_scores(out["map"], *self.score_rule))
         return tuple(out[name] for name in self.outputs)
 
 
@@ -74,7 +74,7 @@ def export_onnx(detector, checkpoint: str | Path, path: str | Path | None = None
     with torch.no_grad():
         names = list(model(example))
     outputs = ["map", "score", *(n for n in names if n not in ("map", "score"))]
-    graph = InferenceGraph(model, detector.config.image_score, outputs).eval()
+    graph = InferenceGraph(model, detector.config.score_rule, outputs).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         torch.onnx.export(

@@ -35,7 +35,7 @@ from ..errors import CheckpointError, ConfigError, DataError, DefectflowWarning
 from ..features.extractor import FeatureExtractor
 from ..heads.guard import input_statistics, reasons
 from ..metrics import compute_metrics
-from ..scoring import IMAGE_REDUCTIONS, image_scores
+from ..scoring import IMAGE_REDUCTIONS, footprint, image_scores
 from ..thresholds import RULES, Thresholds, choose_thresholds
 
 T = TypeVar("T")
@@ -83,7 +83,9 @@ class DetectorConfig:
     foreground: bool = option(False, "put synthetic defects on the object only (object categories)")
     threshold_rule: str = option("far", "operating thresholds from the validation set: far (target false-alarm rate on its good images and pixels) or f1 (best F1 on its synthetic defects)")
     target_far: float = option(0.01, "false-alarm rate on good images and pixels for threshold_rule far")
-    image_score: str = option("max", "image score from the anomaly map: max or mean")
+    image_score: str = option("top", "image score from the anomaly map (above each pixel's normal level where there is one): "
+                                     "top, the mean of its highest pixels over one smoothing footprint (a disc of radius "
+                                     "2 smoothing sigmas); max; or mean")
     smoothing_sigma: float = option(4.0, "Gaussian smoothing of the anomaly map in pixels (0: none)")
     batch_size: int = option(16, "images per forward pass")
     seed: int = option(0, "random seed for weights, shuffling and sampling")
@@ -94,6 +96,11 @@ class DetectorConfig:
         "fp32, or auto (bf16 where the device computes it natively: CPUs with AVX-512 BF16 or AMX, CUDA GPUs from "
         "Ampere on; fp32 elsewhere, where bf16 would be slower). Inference is float32 whatever this says",
     )
+
+    @property
+    def score_rule(self) -> tuple[str, int]:
+        """(reduction, area) for scoring.image_scores."""
+        return self.image_score, footprint(self.smoothing_sigma)
 
     def validate(self) -> None:
         """Every option checked before any work starts: a bad value fails in a second, not after training."""
@@ -533,7 +540,7 @@ class Detector:
             out = self.forward_batch(images)
             maps.append(out["map"].float().cpu())
             # a model may score images itself (DifferNet); otherwise the score comes from the map
-            scores.append(out["score"].float().cpu() if "score" in out else image_scores(maps[-1], self.config.image_score))
+            scores.append(out["score"].float().cpu() if "score" in out else image_scores(maps[-1], *self.config.score_rule))
             frames.append(out["frame"].float().cpu())
             for name, value in out.items():
                 if name not in ("map", "score", "frame"):
@@ -566,7 +573,7 @@ class Detector:
             masks = np.stack([load_sample_mask(s, self.image_size, resampling=self.config.mask_resampling)[0].numpy() > 0 for s in test])
         metrics = compute_metrics(labels, prediction.scores, masks, prediction.maps)
         head_metrics = {
-            name: compute_metrics(labels, image_scores(torch.from_numpy(maps), self.config.image_score).numpy(), masks, maps)
+            name: compute_metrics(labels, image_scores(torch.from_numpy(maps), *self.config.score_rule).numpy(), masks, maps)
             for name, maps in prediction.head_maps.items()
         }
         return Evaluation(folder.name, metrics, prediction, labels, masks, ms_per_image, head_metrics)

@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..features.extractor import FeatureExtractor
 from ..heads.flows import ConditionalFlows, bf16_subnets
 from ..heads.guard import FrameGuard
-from ..scoring import flow_anomaly_map, image_scores, normalise, smooth
+from ..scoring import flow_anomaly_map, footprint, image_scores, normalise, smooth
 from .base import Detector, DetectorConfig, at_least, option, positive, prefetched, use_bf16
 
 
@@ -93,6 +93,7 @@ class FlowScorer(nn.Module):
         self.input_size = tuple(input_size)
         self.sigma = sigma
         self.reduction = reduction
+        self.area = footprint(sigma)  # for the `top` image score
         self.register_buffer("level_reference", torch.zeros(len(flows.flows)))
         self.register_buffer("map_low", torch.tensor(0.0))
         self.register_buffer("map_high", torch.tensor(1.0))
@@ -106,7 +107,11 @@ class FlowScorer(nn.Module):
 
     def image_score(self, maps: torch.Tensor) -> torch.Tensor:
         """The max (or mean) of what lies above each pixel's normal level."""
-        return image_scores(maps - self.position_low, self.reduction)
+        return self.reduce(maps - self.position_low)
+
+    def reduce(self, maps: torch.Tensor) -> torch.Tensor:
+        """The configured image score (max, mean or top) of maps on this scorer's grid."""
+        return image_scores(maps, self.reduction, self.area)
 
     @torch.no_grad()
     def calibrate(self, features: Sequence[torch.Tensor], position: bool, chunk: int = 16) -> torch.Tensor:

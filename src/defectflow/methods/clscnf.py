@@ -161,7 +161,7 @@ class ClsCNFModel(nn.Module):
         flow = self.scorer(self.flow_features(images, features))
         flow_part, classifier_part = (normalise(head, low, high) for head, low, high in zip((flow, classifier), self.head_low, self.head_high))
         fused = flow_part + self.fusion_weight * classifier_part
-        return {"map": fused, "score": image_scores(fused - self.fused_low, self.scorer.reduction), "flow": flow,
+        return {"map": fused, "score": self.scorer.reduce(fused - self.fused_low), "flow": flow,
                 "classifier": classifier, "frame": self.guard(images, features[-1])}
 
     def fused_level(self, moments: torch.Tensor) -> torch.Tensor:
