@@ -41,7 +41,7 @@ class CFlowConfig(DetectorConfig):
     sub_epochs: int = option(2, "epochs (epoch_vectors from every level) per meta-epoch")
     warmup_meta_epochs: float = option(0.5, "linear warm-up from lr/10, in meta-epochs")
     position_reference: bool = option(
-        True, "image score relative to each pixel's normal level (mean + 2 sd of the training images' flow maps there, "
+        True, "image score relative to each pixel's normal level (mean + 2 sd of the training images' maps there, "
         "at least 0): where good parts vary (edges, slots, fixtures) stops outscoring a real defect; the map is unchanged",
     )
 
@@ -106,7 +106,7 @@ class FlowScorer(nn.Module):
         return normalise(self.raw_map(self.flows(features)), self.map_low, self.map_high)
 
     def image_score(self, maps: torch.Tensor) -> torch.Tensor:
-        """The max (or mean) of what lies above each pixel's normal level."""
+        """The image score of what lies above each pixel's normal level."""
         return self.reduce(maps - self.position_low)
 
     def reduce(self, maps: torch.Tensor) -> torch.Tensor:

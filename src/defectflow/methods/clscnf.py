@@ -140,7 +140,7 @@ class ClsCNFModel(nn.Module):
         # each head's (0, 1) points in the fused map, per head (flow, classifier); identity until calibrated
         self.register_buffer("head_low", torch.zeros(2))
         self.register_buffer("head_high", torch.ones(2))
-        # each pixel's normal level in the fused map: the image score is the max of what lies above it
+        # each pixel's normal level in the fused map: the image score is taken from what lies above it
         self.register_buffer("fused_low", torch.zeros(self.input_size))
 
     def classifier_logits(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
