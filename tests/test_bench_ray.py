@@ -125,7 +125,9 @@ def test_a_killed_worker_costs_only_its_run(ray_cluster, local, dataset: Path, t
         if started and (started[1] == "0" or started[3] is None):
             os.kill(int(started[2]), signal.SIGKILL)  # a Ray worker of this test's own instance
 
-    records = run_bench(tmp_path / "b", "folder", dataset, ["bottle"], ["cflow"], runs=2, options=TINY, pictures="none",
+    # pictures of every run: each run lasts a few seconds longer (the metrics are the same), so a kill
+    # lands while its run is still going
+    records = run_bench(tmp_path / "b", "folder", dataset, ["bottle"], ["cflow"], runs=2, options=TINY, pictures="all",
                         progress=False, log=log, executor="ray", ray_settings=RaySettings(max_retries=1))
     status = {r.run: r for r in records}
     assert status[0].status == "failed" and "after 2 tries" in status[0].error

@@ -66,6 +66,11 @@ def import_ray() -> ModuleType:
     return ray
 
 
+# how often the driver looks for started and finished runs: a start is logged (and a worker's pid
+# known) within this, so it stays well under the shortest run (a few seconds)
+POLL_SECONDS = 0.2
+
+
 class _Board:
     """A Ray actor where each task says it started, and where (host, pid): the driver's count of
     running runs and its status lines; Ray alone does not tell a queued task from a running one."""
@@ -156,7 +161,7 @@ def run_on_ray(todo: Sequence[RunSpec], out: Path, settings: RaySettings, log: C
     counts: Counter[str] = Counter()
     try:
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
             events = ray.get(board.take.remote())
             for i, host, pid in events:
                 tries[i] += 1
