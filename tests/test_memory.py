@@ -27,4 +27,6 @@ def test_large_activations_reuse_freed_memory_without_page_faults() -> None:
     faults = {mode: int(subprocess.run([sys.executable, "-c", PROBE, mode], check=True, capture_output=True, text=True).stdout)
               for mode in ("default", "keep")}
     assert faults["default"] > 10_000  # tens of MB of activations mapped afresh by every pass: what the setting avoids
-    assert faults["keep"] < 1_000
+    # kept: an order of magnitude fewer. Usually none; now and then one 8 MB chunk (2,048 faults) is
+    # mapped anyway (1 of 6 probes here, and a CI check), over the absolute bound of 1,000 this had
+    assert faults["keep"] * 10 < faults["default"]
