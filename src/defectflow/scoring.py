@@ -63,7 +63,7 @@ def image_scores(maps: torch.Tensor, reduction: str = "max", area: int = 1) -> t
     part decides it), and a top-area mean also ranks a larger defect above a smaller one.
     """
     flat = maps.flatten(1)
-    if reduction == "max" or (reduction == "top" and area <= 1):
+    if reduction == "max":
         return flat.max(dim=1).values
     if reduction == "top":
         return flat.topk(min(area, flat.shape[1]), dim=1).values.mean(dim=1)

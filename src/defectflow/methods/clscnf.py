@@ -164,11 +164,14 @@ class ClsCNFModel(nn.Module):
         return {"map": fused, "score": self.scorer.reduce(fused - self.fused_low), "flow": flow,
                 "classifier": classifier, "frame": self.guard(images, features[-1])}
 
+    def head_scales(self) -> torch.Tensor:
+        """What each head's raw map (flow, classifier) is multiplied by in the fused map."""
+        return torch.stack([torch.ones_like(self.fusion_weight), self.fusion_weight]) / (self.head_high - self.head_low).clamp_min(1e-12)
+
     def fused_level(self, moments: torch.Tensor) -> torch.Tensor:
         """Each pixel's normal level in the fused map (mean + POSITION_SPREAD sd, as the flow head's),
         from the heads' per-pixel moments on normal images (see `pixel_moments`) and the fusion in the model."""
-        scale = torch.stack([1.0 / (self.head_high[0] - self.head_low[0]).clamp_min(1e-12),
-                             self.fusion_weight / (self.head_high[1] - self.head_low[1]).clamp_min(1e-12)]).double()
+        scale = self.head_scales().double()
         mean_flow, mean_classifier, flow_flow, classifier_classifier, flow_classifier = moments.double()
         mean = scale[0] * (mean_flow - self.head_low[0]) + scale[1] * (mean_classifier - self.head_low[1])
         variance = (scale[0] ** 2 * (flow_flow - mean_flow ** 2) + scale[1] ** 2 * (classifier_classifier - mean_classifier ** 2)
@@ -236,7 +239,7 @@ class ClsCNFDetector(Detector):
         detector = super().from_checkpoint(meta, state, device)
         if "fused_low" not in state:  # saved before the fused map had its own level: the flow head's, on its fused scale
             model = detector.model
-            model.fused_low.copy_(model.scorer.position_low / (model.head_high[0] - model.head_low[0]).clamp_min(1e-12))
+            model.fused_low.copy_(model.scorer.position_low * model.head_scales()[0])
         return detector
 
     # -- training ------------------------------------------------------------------------------
@@ -279,17 +282,19 @@ class ClsCNFDetector(Detector):
 
         def features_of(batch: torch.Tensor) -> list[torch.Tensor]:
             features = model.extractor(batch)
-            classifier_maps.append(torch.sigmoid(model.classifier_logits(features))[:, 0].cpu())  # for the fused map's level
+            if c.position_reference:  # for the fused map's level
+                classifier_maps.append(torch.sigmoid(model.classifier_logits(features))[:, 0].cpu())
             return model.flow_features(batch, features)
 
         features = collect_features(features_of, images.split(c.batch_size), self.device)
         self.loss_history = train_flows(model.scorer.flows, features, c, progress)
         flow_maps = model.scorer.calibrate(features, c.position_reference)
-        # the heads' per-pixel moments over these images: what places the fused map's normal level for any fusion
-        classifier, chunk = torch.cat(classifier_maps), c.batch_size
-        self._normal_moments = sum(
-            pixel_moments(flow_maps[i:i + chunk].cpu(), classifier[i:i + chunk]) for i in range(0, len(classifier), chunk)
-        ) / len(classifier) if c.position_reference else None
+        self._normal_moments = None
+        if c.position_reference:
+            # the heads' per-pixel moments over these images: what places the fused map's normal level for any fusion
+            classifier, chunk = torch.cat(classifier_maps), c.batch_size
+            self._normal_moments = sum(pixel_moments(flow_maps[i:i + chunk].cpu(), classifier[i:i + chunk])
+                                       for i in range(0, len(classifier), chunk)) / len(classifier)
         self.fit_seconds["flows"] = time.perf_counter() - start
 
         self._fuse(c.fusion)
