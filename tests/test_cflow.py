@@ -29,6 +29,21 @@ def test_detects_real_defects(trained: defectflow.Detector, small_bottle: Anomal
     assert trained.loss_history[-1] < trained.loss_history[0]
 
 
+def test_evaluation_times_a_warm_pass(trained: defectflow.Detector, small_bottle: AnomalyFolder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ms/image leaves out the first pass of each batch shape (CUDA and cuDNN set-up: seconds on a
+    GPU): one untimed pass at each shape the test split runs, then the timed predict."""
+    import defectflow.methods.base as base
+
+    events: list[object] = []
+    forward, clock = trained.forward_batch, base.time.perf_counter
+    monkeypatch.setattr(trained.config, "batch_size", 4)  # 6 test images: batches of 4 and 2
+    monkeypatch.setattr(trained, "forward_batch", lambda images: events.append(len(images)) or forward(images))
+    monkeypatch.setattr(base.time, "perf_counter", lambda: events.append("clock") or clock())
+    evaluation = trained.evaluate(small_bottle, progress=False)
+    assert events == [2, 4, "clock", 4, 2, "clock"]
+    assert evaluation.ms_per_image > 0
+
+
 def test_calibration_uses_training_data_only(trained: defectflow.Detector, small_bottle: AnomalyFolder) -> None:
     """A test image's score must not depend on which other test images are scored with it."""
     together = trained.predict(list(small_bottle.test), progress=False).scores
