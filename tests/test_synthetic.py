@@ -6,7 +6,8 @@ import torch
 
 from defectflow.data.folder import AnomalyFolder, Sample
 from defectflow.data.synthetic import (
-    DefectSynthesizer, TextureSource, build_validation_set, foreground_mask, perlin_mask, perlin_noise, sample_generator,
+    DefectSynthesizer, SyntheticBatches, TextureSource, build_validation_set, foreground_mask, perlin_mask, perlin_noise,
+    sample_generator,
 )
 from defectflow.errors import DataError
 
@@ -97,3 +98,26 @@ def test_validation_set_is_deterministic_half_defective_and_saved_in_mvtec_layou
     test = AnomalyFolder._scan_test(tmp_path / "val")
     assert [s.label for s in test] == [0, 0, 0, 1, 1, 1]
     assert np.array_equal(np.array([s.mask_path is not None for s in test]), first.labels.astype(bool))
+
+
+def test_stage_one_batches_do_not_depend_on_the_workers_that_made_them() -> None:
+    """Every epoch shows each image once, with the defect its own generator (seed, epoch, index)
+    draws; worker processes make the same batches, in the same order, as the training process."""
+    images = torch.stack([_image() * (0.5 + 0.05 * i) for i in range(7)])
+    synthesizer = DefectSynthesizer(TextureSource(64, normal_images=images))
+    made = SyntheticBatches(images, synthesizer, seed=3, epochs=2, batch_size=3)
+    assert len(made) == 2 * made.steps_per_epoch == 6
+    for epoch in range(2):
+        shown = torch.cat([made.batches[k][1] for k in range(epoch * 3, epoch * 3 + 3)])
+        assert sorted(shown.tolist()) == list(range(7))
+    epoch, index = made.batches[4]
+    first = int(index[0])
+    expected = synthesizer(images[first], sample_generator(3, epoch, first))
+    torch.testing.assert_close(made[4][0][0], expected.image, rtol=0, atol=0)
+    torch.testing.assert_close(made[4][1][0], expected.target, rtol=0, atol=0)
+    here = list(torch.utils.data.DataLoader(made, batch_size=None, num_workers=0))
+    workers = list(torch.utils.data.DataLoader(made, batch_size=None, num_workers=2))
+    assert sum(float(target.sum()) for _, target in here) > 0  # some defects were drawn
+    for (a, ta), (b, tb) in zip(here, workers, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(ta, tb, rtol=0, atol=0)

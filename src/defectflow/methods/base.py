@@ -90,7 +90,8 @@ class DetectorConfig:
     batch_size: int = option(16, "images per forward pass")
     seed: int = option(0, "random seed for weights, shuffling and sampling")
     device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    num_workers: int = option(0, "data-loading worker processes")
+    num_workers: int = option(0, "worker processes that read images (and make clscnf's synthetic defects) while the "
+                                 "model computes: on a GPU, a few keep it busy")
     train_precision: str = option(
         "auto", "arithmetic of training: bf16 (bfloat16 autocast of the networks' matrix products and convolutions), "
         "fp32, or auto (bf16 where the device computes it natively: CPUs with AVX-512 BF16 or AMX, CUDA GPUs from "

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -42,10 +43,11 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data.folder import Sample, load_images
-from ..data.synthetic import DefectSynthesizer, TextureSource, sample_generator
+from ..data.synthetic import DefectSynthesizer, SyntheticBatches, TextureSource
 from ..errors import ConfigError
 from ..features.extractor import FeatureExtractor
 from ..heads.classifier import LOSSES, SegmentationDecoder, segmentation_loss
@@ -319,6 +321,8 @@ class ClsCNFDetector(Detector):
         history: list[dict] = []
         best_score, best_state = -1.0, None
         epochs = c.frozen_epochs + c.joint_epochs
+        made = SyntheticBatches(images, synthesizer, c.seed, epochs, c.cls_batch_size)
+        batches = iter(DataLoader(made, batch_size=None, num_workers=c.num_workers, pin_memory=self.device.type == "cuda"))
         bar = tqdm(range(epochs), desc="train classifier", disable=not progress)
         for epoch in bar:
             joint = epoch >= c.frozen_epochs
@@ -327,13 +331,9 @@ class ClsCNFDetector(Detector):
                 parameter.requires_grad_(joint)
             model.extractor.train(joint)
             model.decoder.train()
-            order = torch.randperm(len(images), generator=sample_generator(c.seed, epoch))
             total = torch.zeros((), device=self.device)  # summed on the device: no host sync per step
-            for start in range(0, len(order), c.cls_batch_size):
-                index = order[start:start + c.cls_batch_size]
-                made = [synthesizer(images[i], sample_generator(c.seed, epoch, int(i))) for i in index]
-                batch = torch.stack([m.image for m in made]).to(self.device, non_blocking=True)
-                target = torch.stack([m.target for m in made]).to(self.device, non_blocking=True)
+            for batch, target in itertools.islice(batches, made.steps_per_epoch):
+                batch, target = batch.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
                 with train_autocast(c.train_precision, self.device):
                     with torch.set_grad_enabled(joint):
                         features = model.extractor(batch)
@@ -342,7 +342,7 @@ class ClsCNFDetector(Detector):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += loss.detach() * len(index)
+                total += loss.detach() * len(batch)
             record = {"epoch": epoch + 1, "joint": joint, "loss": total.item() / len(images)}
             if self.validation is not None:
                 record["val_score"] = self._classifier_validation_score()
