@@ -99,6 +99,8 @@ BAD_OPTIONS = [
     (["--method", "clscnf", "--cls-lr=-1e-3"], "cls_lr must be positive"),
     (["--method", "differnet", "--lr", "nan"], "lr must be a finite number"),
     (["--condition-dim", "0"], "condition_dim must be a positive multiple of 4"),
+    (["--flow-map-stride", "3"], "flow_map_stride must be 1, 2 or 4"),
+    (["--method", "clscnf", "--smoothing-sigma", "1"], "flow_map_stride 2 needs smoothing_sigma of at least 2"),
     (["--method", "clscnf", "--cls-batch-size", "0"], "cls_batch_size must be at least 1"),
 ]
 if not torch.cuda.is_available():

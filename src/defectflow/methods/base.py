@@ -44,7 +44,7 @@ T = TypeVar("T")
 # and load with the values that give their behaviour, and these buffers, which load with their
 # defaults (the guard uncalibrated, the heads' scales the identity).
 LEGACY_OPTIONS: dict[str, Any] = {"tile_size": None, "tile_overlap": 64, "mask_resampling": "cover", "position_reference": False,
-                                   "train_precision": "fp32", "tune_from_level": 0, "gradient_map": "input"}
+                                   "train_precision": "fp32", "tune_from_level": 0, "gradient_map": "input", "flow_map_stride": 1}
 ADDED_LATER = ("guard.", "head_low", "head_high", "scorer.position_low", "fused_low")
 
 

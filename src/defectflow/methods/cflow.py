@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..features.extractor import FeatureExtractor
 from ..heads.flows import ConditionalFlows, bf16_subnets
 from ..heads.guard import FrameGuard
-from ..scoring import flow_anomaly_map, footprint, image_scores, normalise, smooth
+from ..scoring import flow_anomaly_map, footprint, image_scores, normalise, smooth, upsample
 from .base import Detector, DetectorConfig, at_least, option, positive, prefetched, use_bf16
 
 
@@ -44,6 +44,10 @@ class CFlowConfig(DetectorConfig):
         True, "image score relative to each pixel's normal level (mean + 2 sd of the training images' maps there, "
         "at least 0): where good parts vary (edges, slots, fixtures) stops outscoring a real defect; the map is unchanged",
     )
+    flow_map_stride: int = option(
+        2, "the flows' levels are summed and smoothed at 1/stride of the input size (1, 2 or 4), then upsampled once: "
+        "a map smoothed with sigma >= stride pixels has no detail finer than that, and the steps cost 1/stride^2",
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -52,6 +56,12 @@ class CFlowConfig(DetectorConfig):
         at_least(self, 1, "coupling_blocks", "fiber_batch", "meta_epochs", "sub_epochs")
         at_least(self, 0, "warmup_meta_epochs")
         positive(self, "lr", "clamp")
+        if self.flow_map_stride not in (1, 2, 4):
+            raise ConfigError(f"flow_map_stride must be 1, 2 or 4, got {self.flow_map_stride}")
+        if self.flow_map_stride > 1 and self.smoothing_sigma < self.flow_map_stride:
+            raise ConfigError(f"flow_map_stride {self.flow_map_stride} needs smoothing_sigma of at least {self.flow_map_stride} "
+                              f"(got {self.smoothing_sigma}): a less smoothed map has detail that stride would lose; "
+                              "use --flow-map-stride 1")
         if self.epoch_vectors is not None and self.epoch_vectors < self.fiber_batch:
             raise ConfigError(f"epoch_vectors must be at least fiber_batch ({self.fiber_batch}), got {self.epoch_vectors}")
 
@@ -87,11 +97,12 @@ class FlowScorer(nn.Module):
     vary most where defects lie (pixel AUPR 77.9 -> 34, measured on one seed-0 cflow model).
     """
 
-    def __init__(self, flows: ConditionalFlows, input_size: tuple[int, int], sigma: float, reduction: str) -> None:
+    def __init__(self, flows: ConditionalFlows, input_size: tuple[int, int], sigma: float, reduction: str, stride: int = 1) -> None:
         super().__init__()
         self.flows = flows
         self.input_size = tuple(input_size)
         self.sigma = sigma
+        self.stride = stride  # the levels are summed and smoothed at 1/stride of input_size (CFlowConfig.flow_map_stride)
         self.reduction = reduction
         self.area = footprint(sigma)  # for the `top` image score
         self.register_buffer("level_reference", torch.zeros(len(flows.flows)))
@@ -100,7 +111,13 @@ class FlowScorer(nn.Module):
         self.register_buffer("position_low", torch.zeros(self.input_size))
 
     def raw_map(self, log_likelihoods: Sequence[torch.Tensor]) -> torch.Tensor:
-        return smooth(flow_anomaly_map(log_likelihoods, self.level_reference, self.input_size), self.sigma)
+        """The levels' map, smoothed, at input size. With a stride the sum and the smoothing (sigma /
+        stride) run on the smaller grid and one upsampling follows: on MVTec bottle, KolektorSDD and
+        elpv the metrics of six saved models moved by at most 0.11 points, their decisions not at all."""
+        if self.stride == 1:
+            return smooth(flow_anomaly_map(log_likelihoods, self.level_reference, self.input_size), self.sigma)
+        small = (self.input_size[0] // self.stride, self.input_size[1] // self.stride)
+        return upsample(smooth(flow_anomaly_map(log_likelihoods, self.level_reference, small), self.sigma / self.stride), self.input_size)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         return normalise(self.raw_map(self.flows(features)), self.map_low, self.map_high)
@@ -222,7 +239,7 @@ def train_flows(
 
 def build_flow_scorer(config: CFlowConfig, channels: Sequence[int]) -> FlowScorer:
     flows = ConditionalFlows(channels, config.condition_dim, config.coupling_blocks, config.clamp)
-    return FlowScorer(flows, config.input_size, config.smoothing_sigma, config.image_score)
+    return FlowScorer(flows, config.input_size, config.smoothing_sigma, config.image_score, config.flow_map_stride)
 
 
 class CFlowDetector(Detector):
