@@ -22,7 +22,7 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def flow_anomaly_map(log_likelihoods: Sequence[torch.Tensor], references: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """CFlow-AD's map: levels' likelihoods, relative to a reference per level, summed at input size.
+    """CFlow-AD's map: levels' likelihoods, relative to a reference per level, summed at `size`.
 
     exp(ll - ref) is a likelihood in (0, ~1]; summing them over levels and subtracting from the
     number of levels gives an anomaly score that is ~0 where every level finds the feature likely.

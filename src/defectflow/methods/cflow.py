@@ -114,10 +114,9 @@ class FlowScorer(nn.Module):
         """The levels' map, smoothed, at input size. With a stride the sum and the smoothing (sigma /
         stride) run on the smaller grid and one upsampling follows: on MVTec bottle, KolektorSDD and
         elpv the metrics of six saved models moved by at most 0.11 points, their decisions not at all."""
-        if self.stride == 1:
-            return smooth(flow_anomaly_map(log_likelihoods, self.level_reference, self.input_size), self.sigma)
         small = (self.input_size[0] // self.stride, self.input_size[1] // self.stride)
-        return upsample(smooth(flow_anomaly_map(log_likelihoods, self.level_reference, small), self.sigma / self.stride), self.input_size)
+        smoothed = smooth(flow_anomaly_map(log_likelihoods, self.level_reference, small), self.sigma / self.stride)
+        return smoothed if self.stride == 1 else upsample(smoothed, self.input_size)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         return normalise(self.raw_map(self.flows(features)), self.map_low, self.map_high)
