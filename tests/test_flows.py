@@ -1,12 +1,15 @@
 import math
+import threading
 
+import numpy as np
 import pytest
 import torch
 
 from defectflow.errors import ConfigError
 from defectflow.heads.flows import ConditionalFlows, bf16_subnets, positional_encoding_2d
 from defectflow.methods.base import native_bf16, use_bf16
-from defectflow.methods.cflow import CFlowConfig, FlowScorer, lr_factor, train_flows
+from defectflow.methods import cflow
+from defectflow.methods.cflow import CFlowConfig, FlowScorer, lr_factor, step_in_turn, train_flows
 from defectflow.scoring import flow_anomaly_map, smooth, upsample
 
 
@@ -102,6 +105,58 @@ def test_every_level_takes_the_same_steps_and_sees_all_its_vectors() -> None:
     seen = {0: [], 1: []}
     train_flows(flows, features, CFlowConfig(fiber_batch=16, epoch_vectors=10_000, meta_epochs=1, sub_epochs=1), progress=False)
     assert len(seen[0]) == len(seen[1]) == 8
+
+
+def test_levels_trained_side_by_side_give_the_weights_of_one_after_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each level has its own optimizer and random stream, drawn from the seed: training the levels
+    in parallel threads (the CPU default) gives the same flows and losses as training them in turn."""
+    features = [torch.randn(2, 3, 8, 8), torch.randn(2, 5, 4, 4), torch.randn(2, 6, 2, 2)]
+    config = CFlowConfig(fiber_batch=16, epoch_vectors=64, meta_epochs=2, sub_epochs=1)
+    threads = torch.get_num_threads()
+    results = {}
+    for workers in (1, 3):
+        monkeypatch.setattr(cflow, "level_workers", lambda device, levels, workers=workers: workers)
+        torch.manual_seed(0)
+        np.random.seed(0)  # FrEIA draws its soft permutations from numpy
+        flows = ConditionalFlows([3, 5, 6], cond_dim=8, n_blocks=2)
+        initial = [p.detach().clone() for p in flows.parameters()]
+        callers: set[int] = set()
+        original = flows.vector_log_likelihood
+
+        def spy(level: int, vectors: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            callers.add(threading.get_ident())
+            return original(level, vectors, cond)
+
+        flows.vector_log_likelihood = spy  # type: ignore[method-assign]
+        torch.set_num_threads(1)  # the same arithmetic in every worker either way
+        try:
+            history = train_flows(flows, features, config, progress=False)
+        finally:
+            torch.set_num_threads(threads)
+        results[workers] = (history, [p.detach().clone() for p in flows.parameters()], len(callers))
+    (history_1, weights_1, callers_1), (history_3, weights_3, callers_3) = results[1], results[3]
+    assert callers_1 == 1 and callers_3 > 1  # the levels really ran in different threads
+    assert history_1 == history_3
+    assert all(torch.equal(a, b) for a, b in zip(weights_1, weights_3))
+    assert not all(torch.equal(a, b) for a, b in zip(weights_1, initial))  # and training moved them
+
+
+def test_each_level_keeps_the_schedule_of_the_levels_trained_in_turn() -> None:
+    """Level 1 of 3, 4 steps an epoch: its first epoch was steps 4-7 of the sequence, its second 16-19."""
+    assert [step_in_turn(step, 1, 3, 4) for step in range(8)] == [4, 5, 6, 7, 16, 17, 18, 19]
+    every = sorted(step_in_turn(step, level, 3, 4) for level in range(3) for step in range(8))
+    assert every == list(range(24))  # each step of the sequence belongs to exactly one level's step
+
+
+def test_level_workers_one_per_core_on_a_cpu_and_one_on_a_gpu() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert cflow.level_workers(torch.device("cpu"), 3) == 2
+        assert cflow.level_workers(torch.device("cpu"), 1) == 1
+        assert cflow.level_workers(torch.device("cuda"), 3) == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_bf16_subnets_change_only_the_subnetworks_and_only_inside_the_block() -> None:
