@@ -82,13 +82,6 @@ class ExportedBackend:
         self.outputs: list[str] = read_export_meta(checkpoint, path, onnx, self.int8)["outputs"]
         self.run = self.load(path)
 
-    @classmethod
-    def running(cls, outputs: list[str], run: Callable[[np.ndarray], list[np.ndarray]]) -> "ExportedBackend":
-        """A backend over a graph already loaded (export --int8 checks the models NNCF compiles)."""
-        backend = cls.__new__(cls)
-        backend.outputs, backend.run = list(outputs), run
-        return backend
-
     def load(self, path: Path) -> Callable[[np.ndarray], list[np.ndarray]]:
         raise NotImplementedError
 
@@ -131,19 +124,14 @@ class OpenVinoBackend(ExportedBackend):
         core = openvino_core()
         compiled = core.compile_model(core.read_model(str(path)), "CPU",
                                       {**OPENVINO_CONFIG, "INFERENCE_NUM_THREADS": torch.get_num_threads()})
-        return openvino_runner(compiled, self.outputs)
+        request = compiled.create_infer_request()
+        ports = [compiled.output(name) for name in self.outputs]
 
+        def run(array: np.ndarray) -> list[np.ndarray]:
+            results = request.infer({0: array})
+            return [np.array(results[port]) for port in ports]  # a copy: the request reuses its output buffers
 
-def openvino_runner(compiled, outputs: list[str]) -> Callable[[np.ndarray], list[np.ndarray]]:
-    """A compiled OpenVINO model as a function: images array in, the named outputs' arrays out."""
-    request = compiled.create_infer_request()
-    ports = [compiled.output(name) for name in outputs]
-
-    def run(array: np.ndarray) -> list[np.ndarray]:
-        results = request.infer({0: array})
-        return [np.array(results[port]) for port in ports]  # a copy: the request reuses its output buffers
-
-    return run
+        return run
 
 
 class OpenVinoInt8Backend(OpenVinoBackend):

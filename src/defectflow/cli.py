@@ -26,7 +26,7 @@ from .data.images import load_image
 from .data.synthetic import DefectSynthesizer, TextureSource, sample_generator
 from .data.named import DATASETS, category_root
 from .errors import DefectflowError, DefectflowWarning
-from .export import INT8_MAX_DROP, ONNX_FILE, check_max_drop, export_int8, export_onnx
+from .export import ONNX_FILE, export_int8, export_onnx
 from .memory import keep_freed_memory
 from .metrics import METRIC_NAMES, METRIC_TITLES
 from .report import markdown_table, save_synthetic_grid, write_heatmaps, write_predictions
@@ -255,16 +255,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> None:
     detector = methods.load(args.checkpoint, device="cpu")
-    if args.int8:  # the calibration data is found (and the options checked) before the slow export
+    if args.int8:  # the calibration data is found before the slow export
         folder, _ = _given_or_trained_on(args, detector, require_test=False)
-        check_max_drop(args.int8_max_drop / 100)
     path = export_onnx(detector, args.checkpoint, args.out, overwrite=args.overwrite)
     custom = "" if path == Path(args.checkpoint) / ONNX_FILE else f" --onnx {path}"
     print(f"Exported {detector.method} to {path}; run it with "
           f"`defectflow predict --backend onnx --checkpoint {args.checkpoint}{custom} IMAGES...` (or --backend openvino)")
     if args.int8:
-        int8, check = export_int8(detector, args.checkpoint, folder, path, args.calibration_images, progress=not args.quiet,
-                                  max_drop=args.int8_max_drop / 100)
+        int8, check = export_int8(detector, args.checkpoint, folder, path, args.calibration_images, progress=not args.quiet)
         print(int8_report(check))
         print(f"INT8 model written to {int8}; run it with --backend openvino-int8")
 
@@ -392,9 +390,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write an OpenVINO INT8 model beside it (model-int8.xml), calibrated on the training images "
                              "and the synthetic validation set (never test images), and print its metrics against fp32 there")
     export.add_argument("--calibration-images", type=int, default=64, help="with --int8: training images to calibrate on")
-    export.add_argument("--int8-max-drop", type=float, default=100 * INT8_MAX_DROP, metavar="POINTS",
-                        help="with --int8: the most any metric may fall on the synthetic validation set; the fewest "
-                             "convolutions needed to keep to it stay fp32 (NNCF's accuracy control; 100 quantizes them all)")
     _add_data_options(export)
 
     synth = command("synth", cmd_synth, "write a picture of synthetic defects on a category's training images")
