@@ -180,6 +180,21 @@ def test_train_precision_auto_follows_the_device() -> None:
         CFlowConfig(train_precision="fp16").validate()
 
 
+@pytest.mark.parametrize(("capabilities", "native"), [
+    ({"avx512_f": True, "avx512_bw": True, "avx512_vl": True, "avx512_bf16": False}, False),  # oneDNN would emulate bf16
+    ({"avx512_f": True, "avx512_bf16": True}, True),
+    ({"amx_bf16": True}, True),
+    ({"architecture": "arm64", "bf16": True}, True),
+    ({"avx2": True}, False),
+])
+def test_bf16_training_only_on_cpus_with_bf16_units(monkeypatch: pytest.MonkeyPatch, capabilities: dict, native: bool) -> None:
+    """oneDNN reports bf16 support on any AVX-512 CPU and emulates it there, slower than fp32; auto
+    must then train in fp32."""
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities, raising=False)
+    assert native_bf16(torch.device("cpu")) is native
+    assert use_bf16("auto", torch.device("cpu")) is native
+
+
 def test_the_flow_map_at_half_resolution_is_the_smoothed_map_within_two_percent() -> None:
     """flow_map_stride 2 sums and smooths the levels at half size (sigma / 2) and upsamples once;
     after smoothing with sigma 4 there is no detail finer than that to lose."""

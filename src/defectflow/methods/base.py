@@ -287,16 +287,24 @@ class Evaluation:
     head_metrics: dict[str, dict[str, float | None]] = field(default_factory=dict)  # each head's map alone
 
 
-
-
-
 def native_bf16(device: torch.device) -> bool:
-    """Whether the device has bfloat16 arithmetic units; emulated bf16 (older CPUs) is slower than fp32."""
+    """Whether the device has bfloat16 arithmetic units; emulated bf16 is slower than fp32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return cpu_bf16_units()
     return False
+
+
+def cpu_bf16_units() -> bool:
+    """Whether this CPU computes in bfloat16 natively (x86 AVX512_BF16 or AMX, ARM BF16). oneDNN's
+    own check (torch.ops.mkldnn._is_mkldnn_bf16_supported) is true on any AVX-512 CPU, where it
+    emulates bf16: there training in bf16 was slower than in fp32, not faster (README, *Training
+    on CPUs without bf16 units*)."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.8
+    if capabilities is None:
+        return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    return any(capabilities().get(name, False) for name in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
