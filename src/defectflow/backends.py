@@ -20,6 +20,7 @@ import torch
 from .checkpoint import CONFIG_FILE
 from .errors import CheckpointError, ConfigError
 from .files import sha256_of
+from .thresholds import Thresholds
 
 ONNX_FILE = "model.onnx"
 EXPORT_FORMAT = "defectflow-export"
@@ -79,7 +80,10 @@ class ExportedBackend:
         checkpoint = Path(checkpoint)
         onnx = Path(onnx) if onnx is not None else checkpoint / ONNX_FILE
         path = int8_path(onnx) if self.int8 else onnx
-        self.outputs: list[str] = read_export_meta(checkpoint, path, onnx, self.int8)["outputs"]
+        meta = read_export_meta(checkpoint, path, onnx, self.int8)
+        self.outputs: list[str] = meta["outputs"]
+        # an INT8 model whose flows were fitted on its own features has its own operating thresholds
+        self.thresholds = Thresholds.from_json(meta["thresholds"]) if "thresholds" in meta else None
         self.run = self.load(path)
 
     def load(self, path: Path) -> Callable[[np.ndarray], list[np.ndarray]]:

@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from .backends import EXPORT_FORMAT, EXPORT_VERSION, ONNX_FILE, OpenVinoBackend, OpenVinoInt8Backend, int8_path, meta_path, openvino_core
+from .backends import (EXPORT_FORMAT, EXPORT_VERSION, ONNX_FILE, OPENVINO_CONFIG, OpenVinoBackend, OpenVinoInt8Backend, int8_path,
+                       meta_path, openvino_core)
 from .checkpoint import CONFIG_FILE
 from .data.folder import AnomalyFolder, load_images
 from .errors import CheckpointError, ConfigError, DataError, DefectflowWarning
 from .files import atomic_write_text, sha256_of
+from .methods.base import hold_out
 from .metrics import METRIC_NAMES, compute_metrics
 from .scoring import image_scores
 
@@ -68,30 +72,49 @@ def export_onnx(detector, checkpoint: str | Path, path: str | Path | None = None
             "DifferNet cannot be exported to ONNX: its map is the gradient of the flow's likelihood with respect "
             "to the input pixels, which an ONNX inference graph cannot compute. Export cflow or clscnf."
         )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    outputs = write_inference_graph(detector, path)
+    write_meta(checkpoint, path, [path], outputs, detector.image_size)
+    return path
+
+
+def write_inference_graph(detector, path: Path) -> list[str]:
+    """The detector's inference graph as ONNX at `path`; returns its output names."""
     model = detector._require_model().eval().cpu()
-    size = detector.image_size
+    with torch.no_grad():
+        names = list(model(torch.rand(2, 3, *detector.image_size)))
+    outputs = ["map", "score", *(n for n in names if n not in ("map", "score"))]
+    write_graph(InferenceGraph(model, detector.config.score_rule, outputs).eval(), path, outputs, detector.image_size)
+    detector.model.to(detector.device)
+    return outputs
+
+
+def write_graph(module: nn.Module, path: Path, outputs: list[str], size: tuple[int, int]) -> None:
+    """`module` (images -> tuple of tensors) as ONNX with a dynamic batch axis."""
     example = torch.rand(2, 3, *size)  # batch 2: torch.export would fix a batch axis of size 1
     with torch.no_grad():
-        names = list(model(example))
-    outputs = ["map", "score", *(n for n in names if n not in ("map", "score"))]
-    graph = InferenceGraph(model, detector.config.score_rule, outputs).eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
         torch.onnx.export(
-            graph, (example,), str(path), input_names=["images"], output_names=outputs, opset_version=ONNX_OPSET,
+            module, (example,), str(path), input_names=["images"], output_names=outputs, opset_version=ONNX_OPSET,
             dynamo=True, external_data=False, verbose=False, dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}},
         )
-    write_meta(checkpoint, path, [path], outputs, size)
-    detector.model.to(detector.device)
-    return path
+
+
+class CompiledExtractor(nn.Module):
+    """A compiled OpenVINO extractor graph in the place of a model's extractor: images -> feature maps."""
+
+    def __init__(self, run: Callable[[np.ndarray], list[np.ndarray]]) -> None:
+        super().__init__()
+        self.run = run
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        out = self.run(np.ascontiguousarray(images.cpu().numpy(), dtype=np.float32))
+        return [torch.from_numpy(np.array(value)).to(images.device) for value in out]
 
 
 def calibration_data(detector, folder: AnomalyFolder, count: int, progress: bool = False):
     """(training images, validation set or None) for INT8 calibration, never a test image: up to
     `count` of the training images fit() kept, and the synthetic validation set fit() built from
     the held-out ones (made again, identically, from the same images and seed)."""
-    from .methods.base import hold_out
-
     c = detector.config
     held_out, kept = hold_out(list(folder.train), c.val_fraction, c.seed)
     if not kept:
@@ -103,13 +126,18 @@ def calibration_data(detector, folder: AnomalyFolder, count: int, progress: bool
 
 def export_int8(detector, checkpoint: str | Path, folder: AnomalyFolder, onnx: str | Path | None = None,
                 count: int = 64, progress: bool = False) -> tuple[Path, dict]:
-    """Quantize the exported ONNX graph to INT8 with NNCF, calibrated on `folder`'s training
-    images, and write it beside it (model-int8.xml/.bin). Only the CNN extractor is quantized:
-    the heads stay fp32 (quantizing the flows too turned bottle's image AUROC on the validation
-    set from 100 to 50). Even so the flows magnify the extractor's INT8 rounding (cflow on bottle:
-    validation pixel AUROC 95.9 -> 89.2), so the check below is printed and a drop warned of. Returns (path, check): the metrics of fp32 and INT8 OpenVINO on the synthetic
-    validation set (its defects, masks and the checkpoint's thresholds), or on the calibration
-    images (score differences only) when the model was trained without one."""
+    """Quantize the inference graph to INT8 with NNCF, calibrated on `folder`'s training images
+    and the synthetic validation set, and write it beside the ONNX file (model-int8.xml/.bin).
+
+    Only the CNN extractor is quantized: the heads stay fp32 (quantizing the flows too turned
+    bottle's image AUROC on the validation set from 100 to 50). INT8 moves the extractor's
+    features by far more than the flows tolerate when they were fitted on fp32 features, so for
+    cflow the flows, the frame guard and the thresholds are fitted again on the INT8 extractor's
+    features of the training images (CFlowDetector.refit_on) and that model is what is quantized;
+    the thresholds go into the INT8 model's JSON. The checkpoint itself is not changed.
+    Returns (path, check): the metrics of fp32 and INT8 OpenVINO on the synthetic validation set
+    (its defects and masks, each model's thresholds), or on the calibration images (score
+    differences only) when the model was trained without one; a drop is warned of."""
     try:
         import nncf
         import openvino as ov
@@ -120,23 +148,78 @@ def export_int8(detector, checkpoint: str | Path, folder: AnomalyFolder, onnx: s
     fp32 = OpenVinoBackend(checkpoint, onnx)  # checks the ONNX export is current
     train, validation = calibration_data(detector, folder, count, progress)
     images = torch.cat([train, validation.images]) if validation is not None else train
-    samples = [images[i:i + 1].numpy() for i in range(len(images))]
+    samples = nncf.Dataset([images[i:i + 1].numpy() for i in range(len(images))])
+    deployed, thresholds = detector, {}
+    model = quantize(onnx, samples, len(images), progress)
+    if hasattr(detector, "refit_on"):
+        detector.validation = validation
+        _, kept = hold_out(list(folder.train), detector.config.val_fraction, detector.config.seed)
+        extractor = CompiledExtractor(extractor_part(model, onnx, detector, images[:1]))
+        deployed = detector.refit_on(extractor, kept, progress)
+        with tempfile.TemporaryDirectory() as scratch:
+            graph = Path(scratch) / ONNX_FILE
+            write_inference_graph(deployed, graph)
+            # the extractor is quantized as before: its quantizers see the same images through the same operations
+            model = quantize(graph, samples, len(images), progress)
+        if deployed.thresholds is not None:
+            thresholds = {"thresholds": deployed.thresholds.to_json()}
+    path = int8_path(onnx)
+    ov.save_model(model, str(path), compress_to_fp16=False)
+    files = [path, path.with_suffix(".bin")]
+    meta = dict(calibration_images=len(images), flows_fitted_on_int8=deployed is not detector, **thresholds)
+    # written twice: the INT8 backend that the check runs refuses files without a current meta
+    write_meta(checkpoint, path, files, fp32.outputs, detector.image_size, **meta)
+    check = int8_check(detector, fp32, OpenVinoInt8Backend(checkpoint, onnx), train, validation)
+    write_meta(checkpoint, path, files, fp32.outputs, detector.image_size, **meta, check=check)
+    return path, check
+
+
+def quantize(onnx: Path, samples, count: int, progress: bool):
+    """The ONNX graph's OpenVINO model with NNCF's INT8 quantizers on the extractor only."""
+    import nncf
+
     level = nncf.nncf_logger.level
     nncf.set_log_level(level if progress else logging.ERROR)  # its progress bars and notes
     try:
         model = openvino_core().read_model(str(onnx))
         kept = nncf.IgnoredScope(names=outside_extractor(onnx, model), validate=False)
-        quantized = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples), ignored_scope=kept)
+        return nncf.quantize(model, samples, subset_size=count, ignored_scope=kept)
     finally:
         nncf.set_log_level(level)
-    path = int8_path(onnx)
-    ov.save_model(quantized, str(path), compress_to_fp16=False)
-    files = [path, path.with_suffix(".bin")]
-    # written twice: the INT8 backend that the check runs refuses files without a current meta
-    write_meta(checkpoint, path, files, fp32.outputs, detector.image_size, calibration_images=len(samples))
-    check = int8_check(detector, fp32, OpenVinoInt8Backend(checkpoint, onnx), train, validation)
-    write_meta(checkpoint, path, files, fp32.outputs, detector.image_size, calibration_images=len(samples), check=check)
-    return path, check
+
+
+def extractor_part(model, onnx: Path, detector, example: torch.Tensor):
+    """`model` (the OpenVINO model of the exported graph, quantized or not) compiled to give the
+    extractor's feature maps, level by level: the tensors that cross from the extractor's
+    operations to the heads', matched to the levels by their shapes on `example`."""
+    import onnx as onnx_format
+
+    nodes = onnx_format.load(str(onnx), load_external_data=False).graph.node
+    made_by = {tensor: (node, port) for node in nodes if in_extractor(node) for port, tensor in enumerate(node.output)}
+    crossing = dict.fromkeys(t for node in nodes if not in_extractor(node) for t in node.input if t in made_by)
+    clone = model.clone()
+    ops = {op.get_friendly_name(): op for op in clone.get_ops()}
+    ports = [ops[made_by[t][0].name].output(made_by[t][1]) if made_by[t][0].name in ops else ops[t].output(0) for t in crossing]
+    first = len(clone.outputs)
+    clone.add_outputs(ports)
+    compiled = openvino_core().compile_model(clone, "CPU", OPENVINO_CONFIG)
+    with torch.no_grad():
+        wanted = [tuple(f.shape) for f in detector._require_model().extractor(example.to(detector.device))]
+    shapes = [tuple(v.shape) for v in list(compiled(example.numpy()).values())[first:]]
+    order = [shapes.index(shape) for shape in wanted if shapes.count(shape) == 1]
+    if len(order) != len(wanted):
+        raise ConfigError(f"{onnx}: the extractor's feature maps {wanted} cannot be told apart in the graph ({shapes}).")
+
+    def run(array: np.ndarray) -> list[np.ndarray]:
+        values = list(compiled(array).values())[first:]
+        return [values[i] for i in order]
+
+    return run
+
+
+def in_extractor(node) -> bool:
+    """Whether an ONNX node comes from the model's extractor (torch.onnx records each node's module path)."""
+    return "/model.extractor" in next((p.value for p in node.metadata_props if p.key == "namespace"), "")
 
 
 def outside_extractor(onnx: Path, model) -> list[str]:
@@ -146,8 +229,7 @@ def outside_extractor(onnx: Path, model) -> list[str]:
 
     outside = set()
     for node in onnx_format.load(str(onnx), load_external_data=False).graph.node:
-        namespace = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
-        if "/model.extractor" not in namespace:
+        if not in_extractor(node):
             outside.update([node.name, *node.output])
     return [op.get_friendly_name() for op in model.get_ops() if op.get_friendly_name() in outside]
 
@@ -156,11 +238,11 @@ def int8_check(detector, fp32, int8, train: torch.Tensor, validation) -> dict:
     """fp32 vs INT8 on the data calibration was given: the four metrics and decisions on the
     validation set, and the largest score and map differences; warns when a metric drops."""
     images = validation.images if validation is not None else train
-    runs = {}
+    runs, own = {}, detector.thresholds
     for name, backend in (("fp32", fp32), ("int8", int8)):
-        detector.backend = backend
+        detector.backend, detector.thresholds = backend, backend.thresholds or own
         runs[name] = detector.predict_images(images)
-    detector.backend = None
+    detector.backend, detector.thresholds = None, own
     scale = max(1.0, float(np.abs(runs["fp32"].maps).max()))
     check = {"images": len(images), "data": "synthetic validation set" if validation is not None else "training images",
              "max_score_diff": float(np.abs(runs["fp32"].scores - runs["int8"].scores).max()),

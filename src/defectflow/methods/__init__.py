@@ -43,6 +43,7 @@ def load(path: str | Path, device: str | None = None, backend: str = "torch", on
         detector.trained_on = {**detector.trained_on, "root": os.path.normpath(Path(path).absolute() / root)}
     if BACKENDS[backend] is not None:
         detector.backend = BACKENDS[backend](path, onnx)
+        detector.thresholds = detector.backend.thresholds or detector.thresholds
     return detector
 
 __all__ = ["BACKENDS", "METHODS", "CFlowConfig", "CFlowDetector", "ClsCNFConfig", "ClsCNFDetector", "DifferNetConfig", "DifferNetDetector", "Detector", "DetectorConfig", "Evaluation", "Prediction", "create", "load"]

@@ -7,12 +7,14 @@ epoch, which is most of its training time on a CPU.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -303,6 +305,11 @@ class CFlowDetector(Detector):
         model = self.build_model(pretrained=True).to(self.device)
         model.extractor.requires_grad_(False)
         self.model = model
+        self._fit_flows(train, progress)
+
+    def _fit_flows(self, train: list[Sample], progress: bool) -> None:
+        """The flows and their calibration, on the features the model's (frozen) extractor gives."""
+        model = self.model
         start = time.perf_counter()
         # the next batch is decoded and resized in a thread while this one is extracted
         loader = self.loader(train)
@@ -314,3 +321,24 @@ class CFlowDetector(Detector):
         self.loss_history = train_flows(model.scorer.flows, features, self.config, progress)
         model.scorer.calibrate(features, self.config.position_reference)
         self.fit_seconds["flows"] = time.perf_counter() - start
+
+    def refit_on(self, extractor: nn.Module, train: list[Sample], progress: bool) -> "CFlowDetector":
+        """A copy whose flows, frame guard and thresholds are fitted again on what `extractor` (an
+        INT8 one, at export) gives for the training images, as fit() fitted them on the fp32 ones:
+        the flows then model the features the deployed extractor computes. Fitted on fp32 features,
+        they read INT8 rounding (20% of the features' norm on MVTec bottle) as a defect: pixel AUPR
+        78.05 -> 41.47; fitted on INT8 features 78.51. The copy keeps this model's extractor."""
+        refit = copy.deepcopy(self)
+        own = refit.model.extractor
+        torch.manual_seed(self.config.seed)
+        np.random.seed(self.config.seed)  # FrEIA draws the flows' soft permutations from numpy
+        refit.model.scorer = build_flow_scorer(self.config, own.channels).to(self.device)
+        refit.model.extractor = extractor
+        try:
+            refit._fit_flows(train, progress)
+            refit._calibrate_guard(train)
+            refit.thresholds = refit._choose_thresholds() if refit.validation is not None else None
+        finally:
+            refit.model.extractor = own
+        refit.model.eval().requires_grad_(False)
+        return refit
