@@ -3,6 +3,7 @@ decisions and nearly its metrics, through `predict`; a stale export is refused."
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,11 @@ def test_exported_backends_give_the_same_maps_as_pytorch(method: str, small_bott
 
     # INT8: calibrated on training and synthetic validation images only; its check compares it with fp32 there
     weights = (checkpoint / "model.safetensors").read_bytes()
-    int8, check = export_int8(defectflow.load(checkpoint), checkpoint, small_bottle, count=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        int8, check = export_int8(defectflow.load(checkpoint), checkpoint, small_bottle, count=8)
+    # cflow's graph quantized again with its new flows computes the features those flows were fitted on
+    assert not [w for w in caught if "came out different" in str(w.message)]
     assert int8 == checkpoint / "model-int8.xml" and check["data"] == "synthetic validation set"
     assert (checkpoint / "model.safetensors").read_bytes() == weights  # the checkpoint is not changed
     meta = json.loads((checkpoint / "model-int8.xml.json").read_text())

@@ -161,6 +161,12 @@ def export_int8(detector, checkpoint: str | Path, folder: AnomalyFolder, onnx: s
             write_inference_graph(deployed, graph)
             # the extractor is quantized as before: its quantizers see the same images through the same operations
             model = quantize(graph, samples, len(images), progress)
+            probe = images[:4].numpy()
+            moved = max(float(np.abs(a - b).max() / max(1.0, np.abs(a).max()))
+                        for a, b in zip(extractor.run(probe), extractor_part(model, graph, deployed, images[:1])(probe)))
+        if moved > 1e-4:
+            warnings.warn(f"The INT8 extractor of {int8_path(onnx)} came out different from the one the flows were fitted on "
+                          f"(features moved by {moved:.2g} relative); check the printed INT8 check.", DefectflowWarning, stacklevel=2)
         if deployed.thresholds is not None:
             thresholds = {"thresholds": deployed.thresholds.to_json()}
     path = int8_path(onnx)
