@@ -414,6 +414,7 @@ def test_export_prints_a_command_that_works(trained, corpus: Path, tmp_path: Pat
     assert command[0] == "defectflow" and command[-1] == "IMAGES..."
     # too few images for a validation set: the INT8 check falls back on the calibration (training) images
     assert "INT8 vs fp32 on 6 training images (no test image)" in printed and (tmp_path / "elsewhere" / "x-int8.xml").is_file()
+    assert "fitted again on its own INT8 features" in printed  # a cflow model: its INT8 flows are its own
     images = corpus / "bottle" / "test" / "good"
     assert main([*command[1:-1], str(images), "--out", str(tmp_path / "p"), "--quiet"]) == 0
     int8 = [*command[1:-1], "--backend", "openvino-int8"]

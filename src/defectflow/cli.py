@@ -271,6 +271,9 @@ def int8_report(check: dict) -> str:
     """export --int8's check as printed: fp32 vs INT8 OpenVINO on the data calibration was given."""
     lines = [f"INT8 vs fp32 on {check['images']} {check['data']} (no test image): largest score difference "
              f"{check['max_score_diff']:.4g}, largest map difference {check['max_map_diff']:.4g} (relative)"]
+    if check.get("flows_fitted_on_int8"):
+        lines.append("the INT8 model's flows, frame guard and thresholds were fitted again on its own INT8 features "
+                     "(the checkpoint is unchanged); its thresholds are in the INT8 model's JSON")
     if "same_decisions" in check:
         lines.append(f"same OK/DEFECT decision on {check['same_decisions']} of {check['images']} images")
     if "fp32" in check:

@@ -175,7 +175,8 @@ def export_int8(detector, checkpoint: str | Path, folder: AnomalyFolder, onnx: s
     meta = dict(calibration_images=len(images), flows_fitted_on_int8=deployed is not detector, **thresholds)
     # written twice: the INT8 backend that the check runs refuses files without a current meta
     write_meta(checkpoint, path, files, fp32.outputs, detector.image_size, **meta)
-    check = int8_check(detector, fp32, OpenVinoInt8Backend(checkpoint, onnx), train, validation)
+    check = {**int8_check(detector, fp32, OpenVinoInt8Backend(checkpoint, onnx), train, validation),
+             "flows_fitted_on_int8": meta["flows_fitted_on_int8"]}
     write_meta(checkpoint, path, files, fp32.outputs, detector.image_size, **meta, check=check)
     return path, check
 
