@@ -27,9 +27,10 @@ TINY = {
 }
 
 
-# INT8 against fp32 (a model trained for seconds, 6 test images, a 4-image validation set): the
-# metrics moved by up to 11.1 points (clscnf's AUPRO), some decisions with them; quantizing
-# the flows as well moved image AUROC by 50 points on the full bottle model
+# INT8 against fp32 (a model trained for seconds, 6 test images, a 4-image validation set): how
+# much INT8 may lose. Quantizing the flows as well moved image AUROC by 50 points on the full
+# bottle model; with only the extractor quantized and the flows fitted again on its features, the
+# full bottle models kept their metrics within 0.32 points (README)
 INT8_TOLERANCE = 0.15
 
 
@@ -62,15 +63,15 @@ def test_exported_backends_give_the_same_maps_as_pytorch(method: str, small_bott
                 assert _close(torch_run.head_maps[name], run.head_maps[name]) < 1e-4, (backend, batch_size, name)
             np.testing.assert_array_equal(torch_run.defective, run.defective)
 
-    if method == "cflow":  # the extractor's part of the graph, found in it, gives the torch extractor's features
-        loaded, images = defectflow.load(checkpoint), torch.rand(2, 3, *detector.image_size)
-        graph = openvino_core().read_model(str(checkpoint / ONNX_FILE))
-        features = extractor_part(graph, checkpoint / ONNX_FILE, loaded, images[:1])(images.numpy())
-        with torch.no_grad():
-            expected = loaded.model.extractor(images)
-        assert len(features) == len(expected)
-        for got, want in zip(features, expected):
-            assert _close(want.numpy(), got) < 1e-4
+    # the extractor's part of the graph, found in it, gives the torch extractor's features
+    loaded, images = defectflow.load(checkpoint), torch.rand(2, 3, *detector.image_size)
+    graph = openvino_core().read_model(str(checkpoint / ONNX_FILE))
+    features = extractor_part(graph, checkpoint / ONNX_FILE, loaded, images[:1])(images.numpy())
+    with torch.no_grad():
+        expected = loaded.model.extractor(images)
+    assert len(features) == len(expected)
+    for got, want in zip(features, expected):
+        assert _close(want.numpy(), got) < 1e-4
 
     # INT8: calibrated on training and synthetic validation images only; its check compares it with fp32 there
     weights = (checkpoint / "model.safetensors").read_bytes()
@@ -82,13 +83,10 @@ def test_exported_backends_give_the_same_maps_as_pytorch(method: str, small_bott
     assert int8 == checkpoint / "model-int8.xml" and check["data"] == "synthetic validation set"
     assert (checkpoint / "model.safetensors").read_bytes() == weights  # the checkpoint is not changed
     meta = json.loads((checkpoint / "model-int8.xml.json").read_text())
-    assert meta["flows_fitted_on_int8"] == (method == "cflow")
-    if method == "cflow":  # flows fitted on its INT8 features, and thresholds chosen for them as fit() chose the checkpoint's
-        assert defectflow.load(checkpoint, backend="openvino-int8").thresholds == Thresholds.from_json(meta["thresholds"])
-        assert Thresholds.from_json(meta["thresholds"]) != defectflow.load(checkpoint).thresholds
-    else:
-        assert "thresholds" not in meta
-        assert defectflow.load(checkpoint, backend="openvino-int8").thresholds == defectflow.load(checkpoint).thresholds
+    # flows fitted on its INT8 features, and thresholds chosen for them as fit() chose the checkpoint's
+    assert meta["flows_fitted_on_int8"]
+    assert defectflow.load(checkpoint, backend="openvino-int8").thresholds == Thresholds.from_json(meta["thresholds"])
+    assert Thresholds.from_json(meta["thresholds"]) != defectflow.load(checkpoint).thresholds
     detector = defectflow.load(checkpoint, backend="openvino")
     _, validation = calibration_data(detector, small_bottle, 8)  # the validation set fit() made, made again
     fp32_validation = detector.predict_images(validation.images)
@@ -99,11 +97,13 @@ def test_exported_backends_give_the_same_maps_as_pytorch(method: str, small_bott
     # must report the agreement as it is, and the metric change stays bounded
     int8_validation = defectflow.load(checkpoint, backend="openvino-int8").predict_images(validation.images)
     assert check["same_decisions"] == int((int8_validation.defective == fp32_validation.defective).sum())
+    # INT8's flows are a second fit, on its own features: on 6 images of this barely trained model they may
+    # score better than fp32's (clscnf's AUPRO 0.24 -> 0.45), and must not score much worse
     for metric in METRIC_NAMES:
-        assert abs(check["int8"][metric] - check["fp32"][metric]) <= INT8_TOLERANCE, metric
-        assert abs(int8_eval.metrics[metric] - fp32_eval.metrics[metric]) <= INT8_TOLERANCE, metric
-    # the same places stand out (measured 0.92 for clscnf; 0.79 for cflow, whose INT8 flows are a second fit of this
-    # barely trained model; on the full bottle model it kept every decision and the metrics within 0.32 points)
+        assert check["int8"][metric] >= check["fp32"][metric] - INT8_TOLERANCE, metric
+        assert int8_eval.metrics[metric] >= fp32_eval.metrics[metric] - INT8_TOLERANCE, metric
+    # the same places stand out (measured 0.79 for cflow: INT8's flows are a second fit of this barely
+    # trained model; the full bottle models kept 83 and 82 of 83 decisions)
     assert np.corrcoef(fp32_eval.prediction.maps.ravel(), int8_eval.prediction.maps.ravel())[0, 1] > 0.7
 
     # the same `predict` command, any backend, in batches of 4 (a full one and a partial one)

@@ -291,7 +291,36 @@ def build_flow_scorer(config: CFlowConfig, channels: Sequence[int]) -> FlowScore
     return FlowScorer(flows, config.input_size, config.smoothing_sigma, config.image_score, config.flow_map_stride)
 
 
-class CFlowDetector(Detector):
+class RefitFlows:
+    """For detectors whose flows sit on a frozen extractor (cflow, clscnf): refit_on, which export
+    --int8 uses. The detector's _fit_flows(train, progress) fits the flows and all that is
+    calibrated after them."""
+
+    def refit_on(self, extractor: nn.Module, train: list[Sample], progress: bool) -> "Detector":
+        """A copy whose flows, frame guard and thresholds are fitted again on what `extractor` (an
+        INT8 one, at export) gives for the training images, as fit() fitted them on the fp32 ones:
+        the flows then model the features the deployed extractor computes. Fitted on fp32 features,
+        they read INT8 rounding (17-20% of the features' norm on MVTec bottle) as a defect: the INT8
+        model's pixel AUPR was 40.93 against fp32's 78.05, and 78.37 with flows fitted on INT8
+        features (seed 0, README). The copy keeps this model's extractor."""
+        refit = copy.deepcopy(self)
+        own = refit.model.extractor
+        torch.manual_seed(self.config.seed)
+        np.random.seed(self.config.seed)  # FrEIA draws the flows' soft permutations from numpy
+        channels = [flow.shapes[0][0] for flow in refit.model.scorer.flows.flows]
+        refit.model.scorer = build_flow_scorer(self.config, channels).to(self.device)
+        refit.model.extractor = extractor
+        try:
+            refit._fit_flows(train, progress)
+            refit._calibrate_guard(train)
+            refit.thresholds = refit._choose_thresholds() if refit.validation is not None else None
+        finally:
+            refit.model.extractor = own
+        refit.model.eval().requires_grad_(False)
+        return refit
+
+
+class CFlowDetector(RefitFlows, Detector):
     method = "cflow"
     config_class = CFlowConfig
     config: CFlowConfig
@@ -321,25 +350,3 @@ class CFlowDetector(Detector):
         self.loss_history = train_flows(model.scorer.flows, features, self.config, progress)
         model.scorer.calibrate(features, self.config.position_reference)
         self.fit_seconds["flows"] = time.perf_counter() - start
-
-    def refit_on(self, extractor: nn.Module, train: list[Sample], progress: bool) -> "CFlowDetector":
-        """A copy whose flows, frame guard and thresholds are fitted again on what `extractor` (an
-        INT8 one, at export) gives for the training images, as fit() fitted them on the fp32 ones:
-        the flows then model the features the deployed extractor computes. Fitted on fp32 features,
-        they read INT8 rounding (17-20% of the features' norm on MVTec bottle) as a defect: the INT8
-        model's pixel AUPR was 40.93 against fp32's 78.05, and 78.37 with flows fitted on INT8
-        features (seed 0, README). The copy keeps this model's extractor."""
-        refit = copy.deepcopy(self)
-        own = refit.model.extractor
-        torch.manual_seed(self.config.seed)
-        np.random.seed(self.config.seed)  # FrEIA draws the flows' soft permutations from numpy
-        refit.model.scorer = build_flow_scorer(self.config, own.channels).to(self.device)
-        refit.model.extractor = extractor
-        try:
-            refit._fit_flows(train, progress)
-            refit._calibrate_guard(train)
-            refit.thresholds = refit._choose_thresholds() if refit.validation is not None else None
-        finally:
-            refit.model.extractor = own
-        refit.model.eval().requires_grad_(False)
-        return refit

@@ -55,7 +55,7 @@ from ..heads.guard import FrameGuard
 from ..metrics import compute_metrics
 from ..scoring import image_scores, normalise
 from .base import Detector, at_least, option, positive, train_autocast
-from .cflow import POSITION_SPREAD, CFlowConfig, FlowScorer, build_flow_scorer, collect_features, train_flows
+from .cflow import POSITION_SPREAD, CFlowConfig, FlowScorer, RefitFlows, build_flow_scorer, collect_features, train_flows
 
 FUSION_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0)
 FUSIONS = ("calibrated", "tuned")
@@ -195,7 +195,7 @@ def validation_score(labels: np.ndarray, masks: np.ndarray, maps: np.ndarray) ->
     return float(np.mean([value or 0.0 for value in compute_metrics(labels, scores, masks, maps).values()]))
 
 
-class ClsCNFDetector(Detector):
+class ClsCNFDetector(RefitFlows, Detector):
     method = "clscnf"
     config_class = ClsCNFConfig
     config: ClsCNFConfig
@@ -274,7 +274,13 @@ class ClsCNFDetector(Detector):
         else:
             self.classifier_history = self._train_classifier(images, synthesizer, progress)
         self.fit_seconds["classifier"] = time.perf_counter() - start
+        self._fit_flows(train, progress, images)
 
+    def _fit_flows(self, train: list[Sample], progress: bool, images: torch.Tensor | None = None) -> None:
+        """Stage 2 on the trained (frozen) extractor and decoder: the flows, their calibration, the
+        heads' fusion and the fused map's normal level. `images`: the training images, if loaded."""
+        c, model = self.config, self.model
+        images = load_images(train, self.image_size, progress) if images is None else images
         start = time.perf_counter()
         for frozen in (model.extractor, model.decoder, model.flow_extractor):
             if frozen is not None:
