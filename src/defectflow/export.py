@@ -131,10 +131,11 @@ def export_int8(detector, checkpoint: str | Path, folder: AnomalyFolder, onnx: s
 
     Only the CNN extractor is quantized: the heads stay fp32 (quantizing the flows too turned
     bottle's image AUROC on the validation set from 100 to 50). INT8 moves the extractor's
-    features by far more than the flows tolerate when they were fitted on fp32 features, so for
-    cflow the flows, the frame guard and the thresholds are fitted again on the INT8 extractor's
-    features of the training images (CFlowDetector.refit_on) and that model is what is quantized;
-    the thresholds go into the INT8 model's JSON. The checkpoint itself is not changed.
+    features by far more than the flows tolerate when they were fitted on fp32 features, so the
+    flows and what is calibrated after them (clscnf's fusion), the frame guard and the thresholds
+    are fitted again on the INT8 extractor's features of the training images (RefitFlows.refit_on)
+    and that model is what is quantized; the thresholds go into the INT8 model's JSON (with
+    flows_fitted_on_int8, which INT8 exports of earlier versions lack). The checkpoint is not changed.
     Returns (path, check): the metrics of fp32 and INT8 OpenVINO on the synthetic validation set
     (its defects and masks, each model's thresholds), or on the calibration images (score
     differences only) when the model was trained without one; a drop is warned of."""
@@ -149,30 +150,27 @@ def export_int8(detector, checkpoint: str | Path, folder: AnomalyFolder, onnx: s
     train, validation = calibration_data(detector, folder, count, progress)
     images = torch.cat([train, validation.images]) if validation is not None else train
     samples = nncf.Dataset([images[i:i + 1].numpy() for i in range(len(images))])
-    deployed, thresholds = detector, {}
     model = quantize(onnx, samples, len(images), progress)
-    if hasattr(detector, "refit_on"):
-        detector.validation = validation
-        _, kept = hold_out(list(folder.train), detector.config.val_fraction, detector.config.seed)
-        extractor = CompiledExtractor(extractor_part(model, onnx, detector, images[:1]))
-        deployed = detector.refit_on(extractor, kept, progress)
-        with tempfile.TemporaryDirectory() as scratch:
-            graph = Path(scratch) / ONNX_FILE
-            write_inference_graph(deployed, graph)
-            # the extractor is quantized as before: its quantizers see the same images through the same operations
-            model = quantize(graph, samples, len(images), progress)
-            probe = images[:4].numpy()
-            moved = max(float(np.abs(a - b).max() / max(1.0, np.abs(a).max()))
-                        for a, b in zip(extractor.run(probe), extractor_part(model, graph, deployed, images[:1])(probe)))
-        if moved > 1e-4:
-            warnings.warn(f"The INT8 extractor of {int8_path(onnx)} came out different from the one the flows were fitted on "
-                          f"(features moved by {moved:.2g} relative); check the printed INT8 check.", DefectflowWarning, stacklevel=2)
-        if deployed.thresholds is not None:
-            thresholds = {"thresholds": deployed.thresholds.to_json()}
+    detector.validation = validation
+    _, kept = hold_out(list(folder.train), detector.config.val_fraction, detector.config.seed)
+    extractor = CompiledExtractor(extractor_part(model, onnx, detector, images[:1]))
+    deployed = detector.refit_on(extractor, kept, progress)
+    with tempfile.TemporaryDirectory() as scratch:
+        graph = Path(scratch) / ONNX_FILE
+        write_inference_graph(deployed, graph)
+        # the extractor is quantized as before: its quantizers see the same images through the same operations
+        model = quantize(graph, samples, len(images), progress)
+        probe = images[:4].numpy()
+        moved = max(float(np.abs(a - b).max() / max(1.0, np.abs(a).max()))
+                    for a, b in zip(extractor.run(probe), extractor_part(model, graph, deployed, images[:1])(probe)))
+    if moved > 1e-4:
+        warnings.warn(f"The INT8 extractor of {int8_path(onnx)} came out different from the one the flows were fitted on "
+                      f"(features moved by {moved:.2g} relative); check the printed INT8 check.", DefectflowWarning, stacklevel=2)
+    thresholds = {} if deployed.thresholds is None else {"thresholds": deployed.thresholds.to_json()}
     path = int8_path(onnx)
     ov.save_model(model, str(path), compress_to_fp16=False)
     files = [path, path.with_suffix(".bin")]
-    meta = dict(calibration_images=len(images), flows_fitted_on_int8=deployed is not detector, **thresholds)
+    meta = dict(calibration_images=len(images), flows_fitted_on_int8=True, **thresholds)
     # written twice: the INT8 backend that the check runs refuses files without a current meta
     write_meta(checkpoint, path, files, fp32.outputs, detector.image_size, **meta)
     check = {**int8_check(detector, fp32, OpenVinoInt8Backend(checkpoint, onnx), train, validation),
