@@ -148,6 +148,51 @@ def test_each_level_keeps_the_schedule_of_the_levels_trained_in_turn() -> None:
     assert every == list(range(24))  # each step of the sequence belongs to exactly one level's step
 
 
+def test_the_level_left_last_takes_the_cores_the_others_freed() -> None:
+    """Two cores, three levels on two workers: each level thread gets one torch thread while two or
+    more levels remain, and the last level, in the main thread, gets both once the others are done."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    cores = cflow.CoreShares(2, workers=2, levels=3)
+    seen: list[int] = []
+
+    def level_thread() -> None:
+        cores.take_share()
+        seen.append(torch.get_num_threads())
+
+    try:
+        for done in range(3):
+            worker = threading.Thread(target=level_thread)
+            worker.start()
+            worker.join()
+            cores.take_share()
+            seen.append(torch.get_num_threads())
+            cores.level_done()
+    finally:
+        torch.set_num_threads(threads)
+    # (pool thread, main thread) with 3, 2 and 1 levels unfinished
+    assert seen == [1, 1, 1, 1, 2, 2]
+
+
+def test_the_costliest_level_trains_in_the_main_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the main thread gains from a larger team (CoreShares), so the level that finishes last
+    must be the one it trains."""
+    monkeypatch.setattr(cflow, "level_workers", lambda device, levels: 2)
+    trained_in: dict[int, str] = {}
+    original = cflow.train_level
+
+    def spy(flows: ConditionalFlows, level: int, *args: object, **kwargs: object) -> list[float]:
+        trained_in[level] = threading.current_thread().name
+        return original(flows, level, *args, **kwargs)
+
+    monkeypatch.setattr(cflow, "train_level", spy)
+    flows = ConditionalFlows([3, 7, 5], cond_dim=8, n_blocks=1)
+    features = [torch.randn(2, 3, 4, 4), torch.randn(2, 7, 2, 2), torch.randn(2, 5, 2, 2)]
+    train_flows(flows, features, CFlowConfig(fiber_batch=16, epoch_vectors=16, meta_epochs=1, sub_epochs=1), progress=False)
+    assert trained_in[1] == threading.main_thread().name
+    assert trained_in[0] != trained_in[1] and trained_in[2] != trained_in[1]
+
+
 def test_level_workers_one_per_core_on_a_cpu_and_one_on_a_gpu() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -201,7 +202,7 @@ def train_flows(
     its flow far from fitted: on MVTec bottle the stride-32 flow's NLL per dimension on held-out
     good images was 1.21 after the 48 steps that gave it, 0.11 after 1,000 (benchmarks/flow_steps_bottle.py).
     The levels' flows share nothing, so each trains with its own optimizer, schedule and random
-    stream, and on a CPU they train side by side, one per core (see level_workers). With bf16
+    stream, and on a CPU they train side by side, one per core (see level_workers, CoreShares). With bf16
     training (config.train_precision) the coupling subnetworks' matrix products, most of a step's
     arithmetic, run in bfloat16; the likelihood itself stays float32 (heads/flows.py).
     """
@@ -212,24 +213,59 @@ def train_flows(
     epochs = config.meta_epochs * config.sub_epochs
     workers = level_workers(device, levels)
     threads = torch.get_num_threads()
+    cores = CoreShares(threads, workers, levels)
     bar = tqdm(total=levels * epochs, desc="train flows", unit="level-epoch", disable=not progress)
 
     def train(level: int) -> list[float]:
-        torch.set_num_threads(max(1, threads // workers))  # this thread's share of the cores
+        cores.take_share()  # before this thread's first torch operation (see CoreShares)
         generator = torch.Generator(device).manual_seed(seeds[level])
-        return train_level(flows, level, features[level], per_epoch, config, generator, bar.update)
+        try:
+            return train_level(flows, level, features[level], per_epoch, config, generator, bar.update, cores.take_share)
+        finally:
+            cores.level_done()
 
+    # the costliest level (most channels) trains in this thread, the others in the pool beside it:
+    # it finishes last, and only the main thread gains from more torch threads (CoreShares)
+    order = sorted(range(levels), key=lambda level: -features[level].shape[1])
+    mine, theirs = (order[:1], order[1:]) if workers > 1 else (order, [])
     flows.train()
     try:
-        with bf16_subnets(flows, use_bf16(config.train_precision, device)), ThreadPoolExecutor(workers) as pool:
-            # the costliest levels (most channels) first, so the others fill in beside them
-            order = sorted(range(levels), key=lambda level: -features[level].shape[1])
-            losses = dict(zip(order, pool.map(train, order)))
+        with bf16_subnets(flows, use_bf16(config.train_precision, device)), ThreadPoolExecutor(max(1, workers - 1)) as pool:
+            others = pool.map(train, theirs)
+            losses = dict(zip(mine + theirs, [train(level) for level in mine] + list(others)))
     finally:
         torch.set_num_threads(threads)
         bar.close()
     flows.eval()
     return [sum(losses[level][epoch] for level in range(levels)) / levels for epoch in range(epochs)]
+
+
+class CoreShares:
+    """The CPU threads of levels training side by side. torch's thread count is per thread: each
+    level's thread takes its share before its first operation and before every step, so the level
+    left last (the costliest, in the main thread) takes the cores the finished ones freed. On
+    bottle the stride-32 level (320 channels) is the longest by far, and it used to finish alone on
+    one core while the other idled for the last ~45% of the flows' time; a step of it takes 48 ms
+    with one thread and 29 with two (2-core Xeon). Two rules make the second core pay: only the
+    main thread grows its team, and a pool thread takes its share of 1 before any operation. A
+    team made by another thread makes libgomp manage more threads than there are cores, and from
+    then on every team sleeps between parallel regions instead of spinning (a step with two threads
+    then took 57 ms). Matrix products here give the same bits with 1 or 2 threads, so the weights do
+    not depend on when the share changes (tests/test_flows.py)."""
+
+    def __init__(self, threads: int, workers: int, levels: int) -> None:
+        self.threads, self.workers, self.unfinished = threads, workers, levels
+        self.lock = threading.Lock()
+
+    def take_share(self) -> None:
+        """Sets the calling thread's torch threads to its share of the cores now."""
+        share = max(1, self.threads // max(1, min(self.workers, self.unfinished)))
+        if torch.get_num_threads() != share:
+            torch.set_num_threads(share)
+
+    def level_done(self) -> None:
+        with self.lock:
+            self.unfinished -= 1
 
 
 def level_workers(device: torch.device, levels: int) -> int:
@@ -252,10 +288,10 @@ def step_in_turn(step: int, level: int, levels: int, level_steps: int) -> int:
 
 def train_level(
     flows: ConditionalFlows, level: int, features: torch.Tensor, per_epoch: int, config: CFlowConfig,
-    generator: torch.Generator, epoch_done: Callable[[], object],
+    generator: torch.Generator, epoch_done: Callable[[], object], before_step: Callable[[], object] = lambda: None,
 ) -> list[float]:
     """One level's flow, trained on `per_epoch` random vectors of its cached B x C x h x w features
-    in each epoch; returns its loss per epoch."""
+    in each epoch; returns its loss per epoch. `before_step` runs before every step (CoreShares)."""
     device = features.device
     vectors = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
     positions = features.shape[2] * features.shape[3]
@@ -274,6 +310,7 @@ def train_level(
         passes = math.ceil(per_epoch / len(vectors))
         order = torch.cat([torch.randperm(len(vectors), device=device, generator=generator) for _ in range(passes)])
         for start in range(0, per_epoch, config.fiber_batch):
+            before_step()
             index = order[start:min(start + config.fiber_batch, per_epoch)]
             loss = -flows.vector_log_likelihood(level, vectors[index], cond[index % positions]).mean()
             optimizer.zero_grad(set_to_none=True)
