@@ -3,17 +3,19 @@
     HF_HOME=../shared/hf-home HF_HUB_OFFLINE=1 python benchmarks/speed_bottle.py --threads 2
 
 Trains cflow and clscnf (256 x 256, the tool's defaults; clscnf with defects on the object, as
-benchmarks/bench_bottle.json) into --out, or reuses the models an earlier run left there, and
-prints each stage's training seconds. Exports each model to ONNX and OpenVINO INT8 (calibrated on
-its training and synthetic validation images), then predicts all test images with PyTorch, ONNX
-Runtime, OpenVINO fp32 and OpenVINO INT8 at batch 1 and 8, printing ms/image, images/s, the four
-metrics and the largest differences from PyTorch.
+benchmarks/bench_bottle.json) into --out, each in a process of its own set up as `defectflow
+train` is, or reuses the models an earlier run left there, and prints each stage's training
+seconds. Then, in another fresh process per method, exports each model to ONNX and OpenVINO INT8
+(calibrated on its training and synthetic validation images) and predicts all test images with
+PyTorch, ONNX Runtime, OpenVINO fp32 and OpenVINO INT8 at batch 1 and 8, printing ms/image,
+images/s, the four metrics and the largest differences from PyTorch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import time
 from pathlib import Path
 
@@ -32,20 +34,36 @@ OPTIONS = {"cflow": {}, "clscnf": {"foreground": True}}
 TRAIN_RECORD = "train_seconds.json"
 
 
-def trained(method: str, folder: AnomalyFolder, out: Path) -> tuple[Path, dict[str, float]]:
+def train(method: str, data: str, out: Path, threads: int) -> None:
+    """Trains and saves one model with its seconds per stage. Runs in a process of its own with
+    freed memory kept, as `defectflow train` runs (memory.py; the benchmark's process leaves it off,
+    the exported runtimes ran slower with it): clscnf's stage 1 took 236.7 s in the benchmark's
+    process after cflow's training, 199 s in a process set up as the CLI's (2026-11-27)."""
+    torch.set_num_threads(threads)
+    defectflow.keep_freed_memory()
+    folder = AnomalyFolder.scan(data)
+    detector = defectflow.create(method, **OPTIONS[method])
+    start = time.perf_counter()
+    detector.fit(folder)
+    total = time.perf_counter() - start
+    detector.save(out / method / "model", overwrite=True)
+    detector.validation.save(out / method / "validation")
+    seconds = {**detector.fit_seconds, "other (validation set, guard, thresholds)": total - sum(detector.fit_seconds.values()),
+               "total": total}
+    (out / method / TRAIN_RECORD).write_text(json.dumps(seconds, indent=2))
+
+
+def trained(method: str, folder: AnomalyFolder, out: Path, threads: int) -> tuple[Path, dict[str, float]]:
     """The checkpoint out/<method>/model and its training seconds per stage, trained here unless an earlier run left it."""
-    checkpoint, record = out / method / "model", out / method / TRAIN_RECORD
+    record = out / method / TRAIN_RECORD
     if not record.is_file():
-        detector = defectflow.create(method, **OPTIONS[method])
-        start = time.perf_counter()
-        detector.fit(folder)
-        total = time.perf_counter() - start
-        detector.save(checkpoint, overwrite=True)
-        detector.validation.save(out / method / "validation")
-        seconds = {**detector.fit_seconds, "other (validation set, guard, thresholds)": total - sum(detector.fit_seconds.values()),
-                   "total": total}
-        record.write_text(json.dumps(seconds, indent=2))
-    return checkpoint, json.loads(record.read_text())
+        worker = multiprocessing.get_context("spawn").Process(
+            target=train, args=(method, str(folder.root), out, threads), daemon=True)
+        worker.start()
+        worker.join()
+        if worker.exitcode:
+            raise SystemExit(f"training {method} failed (exit status {worker.exitcode}); see the error above")
+    return out / method / "model", json.loads(record.read_text())
 
 
 def exported(checkpoint: Path, folder: AnomalyFolder) -> dict:
@@ -69,6 +87,34 @@ def timed_predict(detector, images: torch.Tensor, batch_size: int) -> tuple[Pred
     return prediction, 1000.0 * (time.perf_counter() - start) / len(images)
 
 
+def bench(method: str, data: str, checkpoint: Path, threads: int) -> tuple[list[list[str]], dict]:
+    """Exports one checkpoint and times it on every backend and batch size; the table's rows and the INT8 check."""
+    torch.set_num_threads(threads)
+    folder = AnomalyFolder.scan(data)
+    check = exported(checkpoint, folder)
+    rows: list[list[str]] = []
+    reference = None
+    for backend in ("torch", "onnx", "openvino", "openvino-int8"):
+        detector = defectflow.load(checkpoint, device="cpu", backend=backend)
+        if reference is None:
+            images = load_images(folder.test, detector.image_size)
+            labels = np.array([s.label for s in folder.test])
+            masks = np.stack([load_sample_mask(s, detector.image_size, resampling=detector.config.mask_resampling)[0].numpy() > 0
+                              for s in folder.test])
+        for batch_size in (1, 8):
+            prediction, ms = timed_predict(detector, images, batch_size)
+            reference = reference or prediction
+            metrics = compute_metrics(labels, prediction.scores, masks, prediction.maps)
+            same = int((prediction.defective == reference.defective).sum())
+            # predict from the files, decoding overlapped with inference (batch 8 only: it doubles the time)
+            end_to_end = f"{1000 / detector.evaluate(folder, progress=False).ms_per_image:.1f}" if batch_size > 1 else ""
+            rows.append([method, backend, str(batch_size), f"{ms:.1f}", f"{1000 / ms:.1f}", end_to_end,
+                         *(f"{100 * metrics[m]:.2f}" for m in METRIC_NAMES),
+                         f"{np.abs(prediction.maps - reference.maps).max():.1e}", f"{same}/{len(images)}"])
+            print(" | ".join(rows[-1]), flush=True)
+    return rows, check
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/mvtec/bottle")
@@ -79,32 +125,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     folder = AnomalyFolder.scan(args.data)
     rows, training, checks = [], [], []
-    # every model is trained before any backend runs: after cflow's exports and backends had run in
-    # this process, clscnf's stage 1 took 236-237 s (two runs), 199 s in a process of its own
-    models = {method: trained(method, folder, args.out) for method in args.methods}
-    for method, (checkpoint, seconds) in models.items():
+    for method in args.methods:
+        checkpoint, seconds = trained(method, folder, args.out, args.threads)
         training.append(f"{method}: " + ", ".join(f"{stage} {s:.1f}" for stage, s in seconds.items()))
-        check = exported(checkpoint, folder)
+        # each method in a fresh process: after cflow's runtimes had run in this one, clscnf's PyTorch
+        # batch 1 took 84.9 ms and OpenVINO's 27.0, against 55.4 and 24.4 in a process of its own
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            method_rows, check = pool.apply(bench, (method, args.data, checkpoint, args.threads))
+        rows += method_rows
         checks.append(f"{method}: " + ", ".join(f"{m} {100 * check['fp32'][m]:.2f} -> {100 * check['int8'][m]:.2f}" for m in METRIC_NAMES))
-        reference = None
-        for backend in ("torch", "onnx", "openvino", "openvino-int8"):
-            detector = defectflow.load(checkpoint, device="cpu", backend=backend)
-            if reference is None:
-                images = load_images(folder.test, detector.image_size)
-                labels = np.array([s.label for s in folder.test])
-                masks = np.stack([load_sample_mask(s, detector.image_size, resampling=detector.config.mask_resampling)[0].numpy() > 0
-                                  for s in folder.test])
-            for batch_size in (1, 8):
-                prediction, ms = timed_predict(detector, images, batch_size)
-                reference = reference or prediction
-                metrics = compute_metrics(labels, prediction.scores, masks, prediction.maps)
-                same = int((prediction.defective == reference.defective).sum())
-                # predict from the files, decoding overlapped with inference (batch 8 only: it doubles the time)
-                end_to_end = f"{1000 / detector.evaluate(folder, progress=False).ms_per_image:.1f}" if batch_size > 1 else ""
-                rows.append([method, backend, str(batch_size), f"{ms:.1f}", f"{1000 / ms:.1f}", end_to_end,
-                             *(f"{100 * metrics[m]:.2f}" for m in METRIC_NAMES),
-                             f"{np.abs(prediction.maps - reference.maps).max():.1e}", f"{same}/{len(images)}"])
-                print(" | ".join(rows[-1]), flush=True)
     print(f"\n{len(folder.test)} test images at 256 x 256, {args.threads} threads; ms/image and img/s: inference of "
           "preloaded images; predict img/s: `predict` from the PNG files, decoding overlapped with inference")
     print(markdown_table(["method", "backend", "batch", "ms/image", "img/s", "predict img/s", *(METRIC_TITLES[m] for m in METRIC_NAMES),

@@ -149,34 +149,37 @@ def test_each_level_keeps_the_schedule_of_the_levels_trained_in_turn() -> None:
 
 
 def test_the_level_left_last_takes_the_cores_the_others_freed() -> None:
-    """Two cores, three levels on two workers: each level thread gets one torch thread while two or
-    more levels remain, and the last level, in the main thread, gets both once the others are done."""
+    """Two cores, three levels on two workers: the thread that trains the costliest level (the one
+    that made the shares) gets both cores once the others are done; a pool thread keeps one
+    throughout, even left last (a team grown in a second thread slows every team: CoreShares)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     cores = cflow.CoreShares(2, workers=2, levels=3)
-    seen: list[int] = []
+    pool_shares: list[int] = []
 
-    def level_thread() -> None:
+    def pool_thread() -> None:
         cores.take_share()
-        seen.append(torch.get_num_threads())
+        pool_shares.append(torch.get_num_threads())
 
+    owner_shares: list[int] = []
     try:
-        for done in range(3):
-            worker = threading.Thread(target=level_thread)
+        for _ in range(3):
+            worker = threading.Thread(target=pool_thread)
             worker.start()
             worker.join()
             cores.take_share()
-            seen.append(torch.get_num_threads())
+            owner_shares.append(torch.get_num_threads())
             cores.level_done()
     finally:
         torch.set_num_threads(threads)
-    # (pool thread, main thread) with 3, 2 and 1 levels unfinished
-    assert seen == [1, 1, 1, 1, 2, 2]
+    # with 3, 2 and 1 levels unfinished
+    assert owner_shares == [1, 1, 2]
+    assert pool_shares == [1, 1, 1]
 
 
 def test_the_costliest_level_trains_in_the_main_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only the main thread gains from a larger team (CoreShares), so the level that finishes last
-    must be the one it trains."""
+    """Only the calling thread's share grows (CoreShares), so the level that finishes last must be
+    the one it trains."""
     monkeypatch.setattr(cflow, "level_workers", lambda device, levels: 2)
     trained_in: dict[int, str] = {}
     original = cflow.train_level

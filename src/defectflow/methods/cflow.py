@@ -224,8 +224,8 @@ def train_flows(
         finally:
             cores.level_done()
 
-    # the costliest level (most channels) trains in this thread, the others in the pool beside it:
-    # it finishes last, and only the main thread gains from more torch threads (CoreShares)
+    # the costliest level (most channels: a step costs ~channels^2, every level takes as many steps)
+    # trains in this thread, the others in the pool beside it; only this thread's share grows (CoreShares)
     order = sorted(range(levels), key=lambda level: -features[level].shape[1])
     mine, theirs = (order[:1], order[1:]) if workers > 1 else (order, [])
     flows.train()
@@ -242,24 +242,29 @@ def train_flows(
 
 class CoreShares:
     """The CPU threads of levels training side by side. torch's thread count is per thread: each
-    level's thread takes its share before its first operation and before every step, so the level
-    left last (the costliest, in the main thread) takes the cores the finished ones freed. On
-    bottle the stride-32 level (320 channels) is the longest by far, and it used to finish alone on
-    one core while the other idled for the last ~45% of the flows' time; a step of it takes 48 ms
-    with one thread and 29 with two (2-core Xeon). Two rules make the second core pay: only the
-    main thread grows its team, and a pool thread takes its share of 1 before any operation. A
-    team made by another thread makes libgomp manage more threads than there are cores, and from
-    then on every team sleeps between parallel regions instead of spinning (a step with two threads
-    then took 57 ms). Matrix products here give the same bits with 1 or 2 threads, so the weights do
-    not depend on when the share changes (tests/test_flows.py)."""
+    level's thread takes its share before its first operation and before every step, so the
+    costliest level, trained by the thread that made this (train_flows' caller) and left last,
+    takes the cores the finished ones freed. On bottle the stride-32 level (320 channels) is the
+    longest by far, and it used to finish alone on one core while the other idled for the last ~45%
+    of the flows' time; a step of it takes 48 ms with one thread and 29 with two (2-core Xeon).
+    Two rules make the second core pay: only the owner's team grows, and a pool thread takes its
+    share before any operation. A team made by another thread makes libgomp manage more threads
+    than there are cores, and from then on every team sleeps between parallel regions instead of
+    spinning (a 2-thread step in a pool thread took 54-57 ms). On that Xeon a step's loss and
+    gradients come out the same to the bit with 1 or 2 threads, so the weights do not depend on
+    when the share changes; where a BLAS splits its sums differently by thread count, runs agree to
+    float rounding only."""
 
     def __init__(self, threads: int, workers: int, levels: int) -> None:
-        self.threads, self.workers, self.unfinished = threads, workers, levels
+        self.threads, self.workers, self.levels, self.unfinished = threads, workers, levels, levels
+        self.owner = threading.current_thread()  # the thread that trains the costliest level
         self.lock = threading.Lock()
 
     def take_share(self) -> None:
-        """Sets the calling thread's torch threads to its share of the cores now."""
-        share = max(1, self.threads // max(1, min(self.workers, self.unfinished)))
+        """Sets the calling thread's torch threads to its share of the cores now: the owner's grows
+        as levels finish, a pool thread's stays its first (a team it grew would slow every team)."""
+        busy = self.unfinished if threading.current_thread() is self.owner else self.levels
+        share = max(1, self.threads // max(1, min(self.workers, busy)))
         if torch.get_num_threads() != share:
             torch.set_num_threads(share)
 
