@@ -293,7 +293,7 @@ def step_in_turn(step: int, level: int, levels: int, level_steps: int) -> int:
 
 def train_level(
     flows: ConditionalFlows, level: int, features: torch.Tensor, per_epoch: int, config: CFlowConfig,
-    generator: torch.Generator, epoch_done: Callable[[], object], before_step: Callable[[], object] = lambda: None,
+    generator: torch.Generator, epoch_done: Callable[[], object], before_step: Callable[[], object],
 ) -> list[float]:
     """One level's flow, trained on `per_epoch` random vectors of its cached B x C x h x w features
     in each epoch; returns its loss per epoch. `before_step` runs before every step (CoreShares)."""
