@@ -88,7 +88,7 @@ def test_exported_backends_give_the_same_maps_as_pytorch(method: str, small_bott
     assert defectflow.load(checkpoint, backend="openvino-int8").thresholds == Thresholds.from_json(meta["thresholds"])
     assert Thresholds.from_json(meta["thresholds"]) != defectflow.load(checkpoint).thresholds
     detector = defectflow.load(checkpoint, backend="openvino")
-    _, validation = calibration_data(detector, small_bottle, 8)  # the validation set fit() made, made again
+    _, validation, _ = calibration_data(detector, small_bottle, 8)  # the validation set fit() made, made again
     fp32_validation = detector.predict_images(validation.images)
     assert check["fp32"] == compute_metrics(validation.labels, fp32_validation.scores, validation.masks.numpy() > 0, fp32_validation.maps)
     fp32_eval = defectflow.load(checkpoint).evaluate(small_bottle, progress=False)

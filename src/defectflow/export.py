@@ -26,7 +26,8 @@ from torch import nn
 from .backends import (EXPORT_FORMAT, EXPORT_VERSION, ONNX_FILE, OPENVINO_CONFIG, OpenVinoBackend, OpenVinoInt8Backend, int8_path,
                        meta_path, openvino_core)
 from .checkpoint import CONFIG_FILE
-from .data.folder import AnomalyFolder, load_images
+from .data.folder import AnomalyFolder, Sample, load_images
+from .data.synthetic import ValidationSet
 from .errors import CheckpointError, ConfigError, DataError, DefectflowWarning
 from .files import atomic_write_text, sha256_of
 from .methods.base import hold_out
@@ -111,17 +112,19 @@ class CompiledExtractor(nn.Module):
         return [torch.from_numpy(np.array(value)).to(images.device) for value in out]
 
 
-def calibration_data(detector, folder: AnomalyFolder, count: int, progress: bool = False):
-    """(training images, validation set or None) for INT8 calibration, never a test image: up to
-    `count` of the training images fit() kept, and the synthetic validation set fit() built from
-    the held-out ones (made again, identically, from the same images and seed)."""
+def calibration_data(detector, folder: AnomalyFolder, count: int,
+                     progress: bool = False) -> tuple[torch.Tensor, ValidationSet | None, list[Sample]]:
+    """(training images, validation set or None, kept samples) for INT8 calibration, never a test
+    image: up to `count` of the training images fit() kept, the synthetic validation set fit()
+    built from the held-out ones (made again, identically, from the same images and seed), and
+    every sample fit() kept (what the flows are fitted again on)."""
     c = detector.config
     held_out, kept = hold_out(list(folder.train), c.val_fraction, c.seed)
     if not kept:
         raise DataError(f"{folder.root} has no training images (train/good) to calibrate INT8 on.")
     picks = kept[:: max(1, len(kept) // count)][:count]
     validation = detector._validation_set(held_out, progress) if held_out else None
-    return load_images(picks, detector.image_size, progress), validation
+    return load_images(picks, detector.image_size, progress), validation, kept
 
 
 def export_int8(detector, checkpoint: str | Path, folder: AnomalyFolder, onnx: str | Path | None = None,
@@ -147,12 +150,11 @@ def export_int8(detector, checkpoint: str | Path, folder: AnomalyFolder, onnx: s
     checkpoint = Path(checkpoint)
     onnx = Path(onnx) if onnx is not None else checkpoint / ONNX_FILE
     fp32 = OpenVinoBackend(checkpoint, onnx)  # checks the ONNX export is current
-    train, validation = calibration_data(detector, folder, count, progress)
+    train, validation, kept = calibration_data(detector, folder, count, progress)
     images = torch.cat([train, validation.images]) if validation is not None else train
     samples = nncf.Dataset([images[i:i + 1].numpy() for i in range(len(images))])
     model = quantize(onnx, samples, len(images), progress)
     detector.validation = validation
-    _, kept = hold_out(list(folder.train), detector.config.val_fraction, detector.config.seed)
     extractor = CompiledExtractor(extractor_part(model, onnx, detector, images[:1]))
     deployed = detector.refit_on(extractor, kept, progress)
     with tempfile.TemporaryDirectory() as scratch:
