@@ -116,8 +116,18 @@ def test_bad_options_are_refused_before_training(options, message, corpus: Path,
 
 
 def test_command_options_are_checked(corpus: Path, tmp_path: Path, capsys) -> None:
-    assert main(["synth", "--data", str(corpus / "bottle"), "--out", str(tmp_path / "g.png"), "--count", "0"]) == 2
-    assert "--count must be at least 1" in error_line(capsys)
+    synth = ["synth", "--data", str(corpus / "bottle")]
+    for option, message in [(["--count", "0"], "--count must be 1 to 256"), (["--count", "100000"], "--count must be 1 to 256"),
+                            (["--input-size", "0"], "--input-size must be a multiple of 32"),
+                            (["--input-size", "50"], "--input-size must be a multiple of 32")]:
+        assert main([*synth, "--out", str(tmp_path / "g.png"), *option]) == 2, option
+        assert message in error_line(capsys)
+    for out in (tmp_path / "grid", tmp_path / "grid.txt", tmp_path):  # no extension, another one, a folder
+        assert main([*synth, "--out", str(out), "--overwrite"]) == 2, out
+        assert "must be the path of a .png file" in error_line(capsys)
+    inside = corpus / "bottle" / "train" / "good" / "grid.png"
+    assert main([*synth, "--out", str(inside), "--count", "1", "--input-size", "64"]) == 2
+    assert "is read as data" in error_line(capsys) and not inside.exists()
     bench = ["bench", "--dataset", "folder", "--methods", "cflow", "--out", str(tmp_path / "b"), "--quiet"]
     assert main([*bench, "--root", str(corpus), "--runs", "0"]) == 2
     assert "runs must be at least 1" in error_line(capsys)
@@ -214,6 +224,45 @@ def test_run_keeps_the_model_when_evaluation_fails_and_overwrite_replaces_everyt
     assert not stale.exists() and (out / "notes.txt").read_text() == "mine" and json.loads((out / "results.json").read_text())["config"]["seed"] == 1
     assert defectflow.load(out / "model").config.seed == 1 and first.config.seed == 0
     assert (out / "report.html").is_file()
+
+
+def test_overwrite_removes_only_defectflow_outputs_and_never_what_the_command_reads(trained, corpus: Path, tmp_path: Path,
+                                                                                   capsys) -> None:
+    from defectflow.workflow import OWNER_FILE, prepare_output
+
+    # a folder the user made, with entries named like outputs: refused, not emptied
+    mine = tmp_path / "mine"
+    (mine / "pictures").mkdir(parents=True)
+    (mine / "pictures" / "holiday.png").write_bytes(b"mine")
+    (mine / "report.html").write_text("<html>mine</html>")
+    with pytest.raises(DataError, match="did not record writing there"):
+        prepare_output(mine, "x", overwrite=True)
+    assert (mine / "pictures" / "holiday.png").exists() and (mine / "report.html").exists()
+    # defectflow's own output: replaced, the user's other files kept
+    ours = prepare_output(tmp_path / "ours", "x")
+    (ours / "results.json").write_text("{}")
+    (ours / "notes.txt").write_text("mine")
+    assert prepare_output(ours, "x", overwrite=True) == ours and (ours / OWNER_FILE).is_file()
+    assert prepare_output(tmp_path / "failed", "x") and prepare_output(tmp_path / "failed", "x")  # only its owner file: empty
+    assert not (ours / "results.json").exists() and (ours / "notes.txt").read_text() == "mine"
+
+    # the checkpoint a command reads, inside the output it would replace: refused, the model kept
+    run = prepare_output(tmp_path / "run", "x")
+    shutil.copytree(trained[0], run / "model")
+    (run / "results.json").write_text("{}")
+    image = str(next((corpus / "bottle" / "test" / "good").iterdir()))
+    args = ["--checkpoint", str(run / "model"), "--out", str(run), "--overwrite", "--quiet"]
+    assert main(["predict", image, *args]) == 2
+    assert "which this command reads: --overwrite would delete" in error_line(capsys)
+    assert main(["eval", "--data", str(corpus / "bottle"), *args]) == 2
+    assert "which this command reads" in error_line(capsys)
+    assert defectflow.load(run / "model").config == defectflow.load(trained[0]).config
+    # an output inside the data's scanned folders would be read back as data; inside the checkpoint, changes it
+    inside = corpus / "bottle" / "test" / "results"
+    assert main(["eval", "--checkpoint", str(trained[0]), "--data", str(corpus / "bottle"), "--out", str(inside), "--quiet"]) == 2
+    assert "lies inside" in error_line(capsys) and not inside.exists()
+    assert main(["predict", image, "--checkpoint", str(trained[0]), "--out", str(trained[0] / "predictions"), "--quiet"]) == 2
+    assert "lies inside" in error_line(capsys) and not (trained[0] / "predictions").exists()
 
 
 # -- few images, train-only folders, eval without --data ----------------------------------------------
@@ -407,6 +456,9 @@ def test_bench_killed_at_random_times_resumes_cleanly(corpus: Path, tmp_path: Pa
 
 def test_export_prints_a_command_that_works(trained, corpus: Path, tmp_path: Path, capsys) -> None:
     pytest.importorskip("onnxruntime")
+    for out in (tmp_path, tmp_path / "model"):  # a folder, no .onnx: refused before the export, with the fix
+        assert main(["export", "--checkpoint", str(trained[0]), "--out", str(out), "--overwrite", "--quiet"]) == 2
+        assert "must be the path of an .onnx file" in error_line(capsys)
     onnx = tmp_path / "elsewhere" / "x.onnx"
     assert main(["export", "--checkpoint", str(trained[0]), "--out", str(onnx), "--int8", "--quiet"]) == 0
     printed = capsys.readouterr().out

@@ -100,6 +100,7 @@ def test_flipped_byte_is_refused(tmp_path: Path) -> None:
         ("{not json", "not valid JSON"),
         (json.dumps({"format": "someone-else", "format_version": 1}), "not a defectflow checkpoint"),
         (json.dumps({"format": "defectflow-checkpoint", "format_version": 99}), "format version 99"),
+        (json.dumps({"format": "defectflow-checkpoint", "format_version": "2"}), "format version '2'"),  # a string, not 2
     ],
 )
 def test_foreign_or_future_config_is_refused(tmp_path: Path, config_text: str, message: str) -> None:
@@ -112,6 +113,9 @@ def test_foreign_or_future_config_is_refused(tmp_path: Path, config_text: str, m
 def test_missing_pieces(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not found"):
         read_checkpoint(tmp_path / "nowhere")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file; a checkpoint is the folder"):
+        read_checkpoint(tmp_path / "file")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="config.json is missing"):
         read_checkpoint(tmp_path / "empty")
@@ -119,7 +123,6 @@ def test_missing_pieces(tmp_path: Path) -> None:
     (path / WEIGHTS_FILE).unlink()
     with pytest.raises(CheckpointError, match="missing"):
         read_checkpoint(path)
-
 
 
 def test_configs_written_before_an_option_load_with_the_behaviour_they_had() -> None:

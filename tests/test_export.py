@@ -116,6 +116,19 @@ def test_exported_backends_give_the_same_maps_as_pytorch(method: str, small_bott
     assert all(len(decisions[b]) == len(images) for b in BACKENDS)
     assert all(decisions[b] == decisions["torch"] for b in BACKENDS if b != "openvino-int8"), decisions
 
+    # the INT8 model's JSON holds its own thresholds: an edit (a threshold raised, so defects pass) is refused,
+    # and so is a JSON of an earlier export format, which had no checksum of its own
+    meta_file = checkpoint / "model-int8.xml.json"
+    original = meta_file.read_text()
+    meta_file.write_text(json.dumps({**meta, "thresholds": {**meta["thresholds"], "image": 1000.0}}))
+    with pytest.raises(CheckpointError, match="was changed after the export"):
+        defectflow.load(checkpoint, backend="openvino-int8")
+    meta_file.write_text(json.dumps({**{k: v for k, v in meta.items() if k != "meta_sha256"}, "version": 2}))
+    with pytest.raises(CheckpointError, match="another version of defectflow"):
+        defectflow.load(checkpoint, backend="openvino-int8")
+    meta_file.write_text(original)
+    assert defectflow.load(checkpoint, backend="openvino-int8").thresholds == Thresholds.from_json(meta["thresholds"])
+
     # an export from other weights is refused: change the weights, then put the old export back beside them
     exported = ("model.onnx", "model.onnx.json", "model-int8.xml", "model-int8.bin", "model-int8.xml.json")
     kept = {name: (checkpoint / name).read_bytes() for name in exported}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,16 @@ def test_guard_is_two_sided() -> None:
     assert guard(brighter, features)[:, CHECKS.index("brightness")].min() > 1
     assert guard(flat, features)[:, CHECKS.index("contrast")].min() > 1
     assert guard(images, features + 10)[:, CHECKS.index("features")].min() > 1
+    # a colour product's frame in grey (a camera that lost its colour), and a grey product's frame in colour
+    in_grey = images.mean(dim=1, keepdim=True).expand_as(images)
+    assert guard(in_grey, features)[:, CHECKS.index("colour")].min() > 1
+    grey_guard = FrameGuard(channels=4)
+    grey_guard.calibrate(input_statistics(in_grey[:15]), pooled[:15], input_statistics(in_grey[15:]), pooled[15:])
+    assert (grey_guard(in_grey, features) <= 1).all()
+    assert grey_guard(images, features)[:, CHECKS.index("colour")].min() > 1
+    # JPEG chroma noise of a few levels on a grey product is no fault (COLOUR_FLOOR)
+    tinted = (in_grey + torch.tensor([2 / 255, 0.0, 0.0])[:, None, None]).clamp(0, 1)
+    assert (grey_guard(tinted, features)[:, CHECKS.index("colour")] <= 1).all()
     assert (FrameGuard(channels=4)(flat, features) == 0).all()  # uncalibrated (an old checkpoint): says nothing
 
 
@@ -45,7 +56,7 @@ def _odd_frames(folder: Path, good: Path) -> dict[str, Path]:
     frames = {
         "black": np.zeros((900, 900, 3)), "white": np.full((900, 900, 3), 255.0), "grey": np.full((900, 900, 3), 128.0),
         "noise": rng.integers(0, 256, (900, 900, 3)).astype(np.float64), "underexposed": real * 0.25,
-        "overexposed": np.clip(real * 3.0, 0, 255),
+        "overexposed": np.clip(real * 3.0, 0, 255), "in grey": real.mean(axis=2, keepdims=True).repeat(3, axis=2),
     }
     paths = {}
     for name, array in frames.items():
@@ -77,10 +88,21 @@ def test_blank_noise_exposure_and_another_product_never_pass(method: str, small_
         assert verdicts[name] != "OK", (name, prediction.frame)
     assert prediction.invalid[len(good):].all(), prediction.frame[len(good):]  # each flagged by the guard itself
     reasons = dict(zip(list(odd), prediction.frame_reasons[len(good):]))
-    assert "contrast" in reasons["black"] and "brightness" in reasons["underexposed"]
+    assert "contrast" in reasons["black"] and "brightness" in reasons["underexposed"] and "colour" in reasons["in grey"]
 
     if method == "cflow":  # the same through the command line, with the reason in scores.csv
         checkpoint = detector.save(tmp_path / "model")
+        # a checkpoint saved before the colour check loads without it, and with the rest of its guard
+        from defectflow.checkpoint import read_checkpoint
+
+        meta, state = read_checkpoint(checkpoint)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "predates the frame guard" warning
+            older = type(detector).from_checkpoint(meta, {k: v for k, v in state.items() if k != "guard.colour_range"}, "cpu")
+        assert older.model.guard.colour_range.tolist() == [0.0, -1.0, 1.0]
+        assert torch.equal(older.model.guard.centre, detector.model.guard.centre)
+        assert "colour" in detector.predict([odd["in grey"]], progress=False).frame_reasons[0]
+        assert "colour" not in older.predict([odd["in grey"]], progress=False).frame_reasons[0]
         assert main(["predict", str(odd["grey"]), str(good[0]), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "p"), "--quiet"]) == 0
         rows = list(csv.DictReader((tmp_path / "p" / "scores.csv").open()))
         assert rows[0]["decision"] == "INVALID" and "contrast" in rows[0]["frame"] and rows[1]["frame"] == ""

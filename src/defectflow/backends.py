@@ -19,12 +19,13 @@ import torch
 
 from .checkpoint import CONFIG_FILE
 from .errors import CheckpointError, ConfigError
-from .files import sha256_of
+from .files import json_digest, sha256_of
 from .thresholds import Thresholds
 
 ONNX_FILE = "model.onnx"
 EXPORT_FORMAT = "defectflow-export"
-EXPORT_VERSION = 2  # 2: dynamic batch; 1 (model.onnx.json with onnx_sha256 only) took one image per run
+EXPORT_VERSION = 3  # 3: the meta JSON checksummed (meta_sha256); 2: dynamic batch; 1 took one image per run
+META_DIGEST = "meta_sha256"
 
 
 class Backend(Protocol):
@@ -62,7 +63,11 @@ def read_export_meta(checkpoint: Path, path: Path, onnx: Path, int8: bool) -> di
     if meta.get("weights_sha256") != weights:
         raise CheckpointError(f"{path} was exported from other weights than {checkpoint} now holds; export it again: `{again}`.")
     if meta.get("format") != EXPORT_FORMAT or meta.get("version") != EXPORT_VERSION:
-        raise CheckpointError(f"{path} was exported by an older defectflow (one image per run); export it again: `{again}`.")
+        raise CheckpointError(f"{path} was exported by another version of defectflow (export format {meta.get('version')!r}; "
+                              f"this one reads {EXPORT_VERSION}); export it again: `{again}`.")
+    if meta.get(META_DIGEST) != json_digest(meta, META_DIGEST):
+        raise CheckpointError(f"{meta_file} was changed after the export (its checksum {META_DIGEST} does not match): the "
+                              f"thresholds and checks of an exported model cannot be edited; export it again: `{again}`.")
     for name, digest in files.items():
         if not (path.parent / name).is_file() or sha256_of(path.parent / name) != digest:
             raise CheckpointError(f"{path.parent / name} does not match its checksum in {meta_file}: the file is corrupt or "

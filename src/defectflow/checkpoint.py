@@ -9,7 +9,6 @@ layout is checked key by key instead.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
-from .files import normal_permissions, sha256_of, staging_name, unwritable_reason
+from .files import json_digest, normal_permissions, sha256_of, staging_name, unwritable_reason
 
 FORMAT = "defectflow-checkpoint"
 FORMAT_VERSION = 2
@@ -33,8 +32,7 @@ _OPTIONAL = {"thresholds": dict, "trained_on": dict, "threshold_note": str}
 
 def config_digest(meta: dict[str, Any]) -> str:
     """SHA-256 of config.json's content without its own checksum, in canonical JSON."""
-    content = {k: v for k, v in meta.items() if k != "config_sha256"}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return json_digest(meta, "config_sha256")
 
 
 def check_target(path: str | Path, overwrite: bool = False) -> Path:
@@ -116,6 +114,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     """(metadata, weights) of a checkpoint folder, after checking format, version, layout and checksums."""
     path = Path(path)
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file; a checkpoint is the folder that train or run wrote (it holds {CONFIG_FILE}).")
     if not path.is_dir():
         raise CheckpointError(f"Checkpoint folder not found: {path}")
     if not config_path.is_file():
@@ -130,7 +130,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     version = meta.get("format_version")
     if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise CheckpointError(
-            f"{path} has checkpoint format version {version}; this defectflow reads versions "
+            f"{path} has checkpoint format version {version!r}; this defectflow reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}. Use the defectflow version that wrote it, or retrain."
         )
     if version >= 2 and meta.get("config_sha256") != config_digest(meta):

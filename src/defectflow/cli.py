@@ -21,12 +21,13 @@ from .bench_ray import RaySettings
 from .checkpoint import CONFIG_FILE, check_target
 from .data import download as downloads
 from .data.elpv import prepare_elpv
-from .data.folder import AnomalyFolder, fitted_size, samples_from_paths
+from .data.folder import AnomalyFolder, fitted_size, samples_from_paths, scanned_folders
 from .data.images import load_image
 from .data.synthetic import DefectSynthesizer, TextureSource, sample_generator
 from .data.named import DATASETS, category_root
 from .errors import DefectflowError, DefectflowWarning
 from .export import ONNX_FILE, export_int8, export_onnx
+from .files import is_inside
 from .memory import keep_freed_memory
 from .metrics import METRIC_NAMES, METRIC_TITLES
 from .report import markdown_table, save_synthetic_grid, write_heatmaps, write_predictions
@@ -152,7 +153,8 @@ def _report_failed(failed: dict[Path, str], where: str) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     detector = methods.create(args.method, **_config_overrides(args, args.method))  # options first: the data may be a download
     folder = _folder(args)
-    out = prepare_output(args.out, f"{args.method}-{folder.name}", args.overwrite)
+    out = prepare_output(args.out, f"{args.method}-{folder.name}", args.overwrite, reads=[folder.root],
+                         not_inside=scanned_folders(folder.root))
     check_target(out / "model", overwrite=True)  # a folder named model that is not a checkpoint: refused before training
     evaluation, table, _ = train_and_evaluate(detector, folder, out, progress=not args.quiet)
     print(table)
@@ -177,9 +179,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.checkpoint.is_dir() and not (args.checkpoint / CONFIG_FILE).exists() and find_checkpoints(args.checkpoint):
         if args.data is not None:
             raise DefectflowError("--data names one category; for a folder of checkpoints use --dataset and --root, or neither.")
-        out = prepare_output(args.out, "eval-all", args.overwrite)
         if args.dataset is not None and args.root is None:
             raise DefectflowError("--dataset needs --root.")
+        data = [args.root] if args.root is not None else []
+        out = prepare_output(args.out, "eval-all", args.overwrite, reads=[args.checkpoint, *data])
         records = evaluate_saved(args.checkpoint, out, args.dataset, args.root, bool(args.pictures), args.device, progress=not args.quiet)
         print((out / "summary.md").read_text())
         print(f"{sum(r.status == 'ok' for r in records)} of {len(records)} checkpoints evaluated; summary in {out}")
@@ -187,7 +190,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     detector = _inference_detector(args)
     folder, recorded = _given_or_trained_on(args, detector)
     print(f"Evaluating {args.checkpoint} on {folder.root}" + (" (the data it was trained on; --data for other data)" if recorded else ""))
-    out = prepare_output(args.out, f"eval-{folder.name}", args.overwrite)
+    out = prepare_output(args.out, f"eval-{folder.name}", args.overwrite, reads=[args.checkpoint, folder.root, *_onnx(args)],
+                         not_inside=[args.checkpoint, *scanned_folders(folder.root)])
     evaluation = detector.evaluate(folder, progress=not args.quiet)
     pictures = args.pictures is not False
     print(report_evaluation(detector, evaluation, out, pictures=pictures))
@@ -221,6 +225,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _onnx(args: argparse.Namespace) -> list[Path]:
+    """The exported model a command reads, where --onnx names one outside the checkpoint."""
+    return [Path(args.onnx)] if getattr(args, "onnx", None) else []
+
+
 def _inference_detector(args: argparse.Namespace):
     """The checkpoint loaded for predict or eval with the chosen backend and batch size."""
     detector = methods.load(args.checkpoint, device=args.device, backend=args.backend, onnx=args.onnx)
@@ -234,7 +243,8 @@ def _inference_detector(args: argparse.Namespace):
 def cmd_predict(args: argparse.Namespace) -> int:
     detector = _inference_detector(args)
     samples = samples_from_paths(args.images)
-    out = prepare_output(args.out, "predict", args.overwrite)
+    out = prepare_output(args.out, "predict", args.overwrite, reads=[args.checkpoint, *_onnx(args), *(s.path for s in samples)],
+                         not_inside=[args.checkpoint])
     prediction = detector.predict(samples, progress=not args.quiet)
     names = [f"{i:05d}_{Path(p).stem}" for i, p in enumerate(prediction.paths)]
     write_predictions(out, prediction, names)
@@ -283,14 +293,25 @@ def int8_report(check: dict) -> str:
     return "\n".join(lines)
 
 
+SYNTH_MAX_COUNT = 256  # one picture: more samples than this make a grid nobody can read
+
+
 def cmd_synth(args: argparse.Namespace) -> None:
-    if args.count < 1:
-        raise DefectflowError(f"--count must be at least 1, got {args.count}")
+    if not 1 <= args.count <= SYNTH_MAX_COUNT:
+        raise DefectflowError(f"--count must be 1 to {SYNTH_MAX_COUNT} (samples in one picture), got {args.count}")
     if args.seed < 0:
         raise DefectflowError(f"--seed must be at least 0, got {args.seed}")
+    if args.input_size < 32 or args.input_size % 32:
+        raise DefectflowError(f"--input-size must be a multiple of 32, at least 32 (as for training), got {args.input_size}")
+    if args.out.suffix.lower() != ".png" or args.out.is_dir():
+        raise DefectflowError(f"--out {args.out} must be the path of a .png file to write, e.g. {args.out.with_suffix('.png').name}.")
     if args.out.exists() and not args.overwrite:
         raise DefectflowError(f"{args.out} already exists; choose another --out or pass --overwrite.")
     folder = _folder(args, require_test=False)
+    container = next((f for f in scanned_folders(folder.root) if is_inside(args.out, f)), None)
+    if container is not None:
+        raise DefectflowError(f"--out {args.out} lies inside {container}, which is read as data (the picture would become a "
+                              "training or test image); choose an --out outside it.")
     train = folder.train
     size = fitted_size(train, args.input_size)
     images = torch.stack([load_image(s.path, size) for s in train[: max(args.count, 8)]])

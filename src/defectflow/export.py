@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backends import (EXPORT_FORMAT, EXPORT_VERSION, ONNX_FILE, OPENVINO_CONFIG, OpenVinoBackend, OpenVinoInt8Backend, int8_path,
-                       meta_path, openvino_core)
+from .backends import (EXPORT_FORMAT, EXPORT_VERSION, META_DIGEST, ONNX_FILE, OPENVINO_CONFIG, OpenVinoBackend,
+                       OpenVinoInt8Backend, int8_path, meta_path, openvino_core)
 from .checkpoint import CONFIG_FILE
 from .data.folder import AnomalyFolder, Sample, load_images
 from .data.synthetic import ValidationSet
 from .errors import CheckpointError, ConfigError, DataError, DefectflowWarning
-from .files import atomic_write_text, sha256_of
+from .files import atomic_write_text, json_digest, sha256_of
 from .methods.base import hold_out
 from .metrics import METRIC_NAMES, compute_metrics
 from .scoring import image_scores
@@ -54,10 +54,11 @@ class InferenceGraph(nn.Module):
 
 
 def write_meta(checkpoint: Path, path: Path, files: list[Path], outputs: list[str], input_size, **extra) -> None:
-    """path's meta JSON: the weights it came from and its files' checksums (backends.read_export_meta checks them)."""
+    """path's meta JSON: the weights it came from, its files' checksums and its own (backends.read_export_meta checks them)."""
     meta = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION,
             "weights_sha256": json.loads((checkpoint / CONFIG_FILE).read_text())["weights_sha256"],
             "files": {f.name: sha256_of(f) for f in files}, "outputs": outputs, "input_size": list(input_size), **extra}
+    meta[META_DIGEST] = json_digest(meta, META_DIGEST)
     atomic_write_text(meta_path(path), json.dumps(meta, indent=2))
 
 
@@ -66,6 +67,8 @@ def export_onnx(detector, checkpoint: str | Path, path: str | Path | None = None
     path: <checkpoint>/model.onnx."""
     checkpoint = Path(checkpoint)
     path = Path(path) if path is not None else checkpoint / ONNX_FILE
+    if path.suffix.lower() != ".onnx" or path.is_dir():
+        raise ConfigError(f"--out {path} must be the path of an .onnx file to write, e.g. {path.with_suffix('.onnx').name}.")
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} already exists; pass --overwrite to replace it.")
     if detector.method == "differnet":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import uuid
 from pathlib import Path
@@ -19,6 +20,17 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def json_digest(content: dict, without: str) -> str:
+    """SHA-256 of a JSON object's content without the key that holds this checksum, in canonical JSON."""
+    rest = {k: v for k, v in content.items() if k != without}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def is_inside(path: str | Path, folder: str | Path) -> bool:
+    """Whether path is folder or lies below it, links resolved (a path that does not exist yet too)."""
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
 
 
 def staging_name(path: Path) -> Path:

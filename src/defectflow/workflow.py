@@ -6,10 +6,10 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Sequence
 
-from .checkpoint import CONFIG_FILE
 from .data.folder import AnomalyFolder
-from .files import unwritable_reason
+from .files import is_inside, unwritable_reason
 from .errors import DataError
 from .htmlreport import evaluation_section, table, write_html
 from .methods import Detector, Evaluation
@@ -21,33 +21,52 @@ from .thresholds import Thresholds
 # what run, eval and predict write into an output folder; --overwrite replaces all of it at once
 OUTPUTS = ("model", "validation", "pictures", "curves", "heatmaps", "regions", "results.json", "results.csv",
            "report.html", "scores.csv", "summary.md", "summary.csv", "summary.json")
-_OUTPUT_MARKERS = ("results.json", "scores.csv", "summary.json", "report.html", f"model/{CONFIG_FILE}")
+# written into every output folder: its OUTPUTS entries are defectflow's, so --overwrite may remove them
+OWNER_FILE = ".defectflow-output"
 
 
-def prepare_output(out: str | Path | None, name: str, overwrite: bool = False) -> Path:
+def prepare_output(out: str | Path | None, name: str, overwrite: bool = False, reads: Sequence[str | Path] = (),
+                   not_inside: Sequence[str | Path] = ()) -> Path:
     """A fresh output folder: runs/<name>-<time> by default; an existing non-empty one only with
     overwrite. Checked before any long work. Overwriting an earlier output of defectflow removes
     all of what it wrote first (OUTPUTS; other files stay), so results, pictures and model never
-    mix two runs."""
+    mix two runs. Refused instead, so that nothing the user made is lost: entries named like
+    outputs in a folder defectflow did not write (no OWNER_FILE: the user's, or an output of a
+    version before it), outputs that hold something this command `reads` (its checkpoint, data or
+    images), and an --out inside a folder of `not_inside` (the data's scanned folders, where an
+    output would become data; the checkpoint)."""
     if out is None:
         out = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; choose a folder path for the output.")
+    container = next((Path(f) for f in not_inside if is_inside(out, Path(f))), None)
+    if container is not None:
+        raise DataError(f"--out {out} lies inside {container}, which this command reads; choose an --out outside it.")
     reason = unwritable_reason(out)
     if reason is not None:
         raise DataError(f"Cannot write to --out {out}: {reason}. Choose another --out.")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(entry.name != OWNER_FILE for entry in out.iterdir()):  # a failed run's folder is empty
         if not overwrite:
             raise DataError(f"Output folder {out} is not empty; choose another --out or pass --overwrite.")
-        if any((out / marker).exists() for marker in _OUTPUT_MARKERS):
-            for entry in OUTPUTS:
-                target = out / entry
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                elif target.exists() or target.is_symlink():
-                    target.unlink()
+        present = [out / entry for entry in OUTPUTS if (out / entry).exists() or (out / entry).is_symlink()]
+        if present and not (out / OWNER_FILE).is_file():
+            raise DataError(f"--out {out} holds {', '.join(p.name for p in present)}, which defectflow did not record "
+                            f"writing there (no {OWNER_FILE}); --overwrite replaces only its own outputs. Move them "
+                            "or choose another --out.")
+        for path in reads:
+            held = next((entry for entry in present if is_inside(Path(path), entry)), None)
+            if held is not None:
+                raise DataError(f"--out {out} holds {path}, which this command reads: --overwrite would delete {held}. "
+                                "Choose another --out.")
+        for target in present:
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    (out / OWNER_FILE).write_text("The results, pictures and models named in defectflow's OUTPUTS here were written by "
+                                  "defectflow; `--overwrite` removes them.\n")
     return out
 
 

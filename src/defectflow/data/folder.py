@@ -78,6 +78,12 @@ def _find_mask(ground_truth: Path, defect_type: str, image: Path) -> Path:
     )
 
 
+def scanned_folders(root: str | Path) -> list[Path]:
+    """The folders of a category that AnomalyFolder.scan reads: an output written inside one
+    would be read back as data (a picture of a defect as a good training image)."""
+    return [Path(root) / name for name in ("train", "test", "ground_truth")]
+
+
 @dataclass(frozen=True)
 class AnomalyFolder:
     """The train and test samples of one category folder."""

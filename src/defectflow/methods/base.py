@@ -42,7 +42,7 @@ T = TypeVar("T")
 
 # Added after checkpoints of format 1 were first written: older checkpoints lack these options,
 # and load with the values that give their behaviour, and these buffers, which load with their
-# defaults (the guard uncalibrated, the heads' scales the identity).
+# defaults (the guard uncalibrated or without its colour check, the heads' scales the identity).
 LEGACY_OPTIONS: dict[str, Any] = {"tile_size": None, "tile_overlap": 64, "mask_resampling": "cover", "position_reference": False,
                                    "train_precision": "fp32", "tune_from_level": 0, "gradient_map": "input", "flow_map_stride": 1}
 ADDED_LATER = ("guard.", "head_low", "head_high", "scorer.position_low", "fused_low")
@@ -612,7 +612,7 @@ class Detector:
         model = detector.build_model(pretrained=False)
         fresh = model.state_dict()
         added = [name for name in fresh if name not in state and name.startswith(ADDED_LATER)]
-        if any(name.startswith("guard.") for name in added):
+        if "guard.calibrated" in added:
             warnings.warn("This checkpoint predates the frame guard: blank or foreign frames are not flagged "
                           "as INVALID. Retrain the model to get the guard.", stacklevel=2)
         state = {**{name: fresh[name] for name in added}, **state}  # their defaults leave the model as it was
