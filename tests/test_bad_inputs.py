@@ -296,6 +296,16 @@ def test_eval_without_data_uses_the_recorded_root(trained, corpus: Path, tmp_pat
     assert "1 of 1 checkpoints evaluated" in capsys.readouterr().out
     assert json.loads((tmp_path / "all" / "summary.json").read_text())["summary"]["cflow"]["bottle"]["train_seconds"] is None
 
+    # evaluation scores test images only: a folder of test/ and ground_truth/ alone is enough for eval, not for train
+    held = tmp_path / "held"
+    for part in ("test", "ground_truth"):
+        shutil.copytree(corpus / "bottle" / part, held / part, symlinks=True)
+    assert main(["eval", "--checkpoint", str(trained[0]), "--data", str(held), "--out", str(tmp_path / "h"), "--no-pictures",
+                 "--quiet"]) == 0
+    assert json.loads((tmp_path / "h" / "results.json").read_text())["results"]["held"]["aupro"] is not None
+    assert main(["train", "--data", str(held), "--out", str(tmp_path / "m"), *TINY]) == 2
+    assert "not in the MVTec AD layout" in error_line(capsys)
+
 
 # -- images that cannot be read ------------------------------------------------------------------------
 def test_predict_scores_every_readable_image_and_reports_the_rest(trained, corpus: Path, tmp_path: Path, capsys) -> None:

@@ -116,28 +116,30 @@ def _add_data_options(parser: argparse.ArgumentParser, default_elpv: bool = Fals
         )
 
 
-def _folder(args: argparse.Namespace, require_test: bool = True) -> AnomalyFolder:
-    """The category the arguments name; training alone needs only train/good."""
+def _folder(args: argparse.Namespace, require_test: bool = True, require_train: bool = True) -> AnomalyFolder:
+    """The category the arguments name; training alone needs only train/good, evaluation only test/."""
     if args.data is not None:
-        return AnomalyFolder.scan(args.data, require_test=require_test)
+        return AnomalyFolder.scan(args.data, require_test=require_test, require_train=require_train)
     if args.dataset is not None:
         if args.root is None:
             raise DefectflowError("--dataset needs --root (and --category for mvtec/btad).")
-        return AnomalyFolder.scan(category_root(args.dataset, args.root, args.category), require_test=require_test)
+        return AnomalyFolder.scan(category_root(args.dataset, args.root, args.category), require_test=require_test,
+                                  require_train=require_train)
     if getattr(args, "elpv", None):
         print(f"No data given: using the built-in elpv solar-cell task ({args.elpv} cells).")
         return AnomalyFolder.scan(prepare_elpv(cell_type=args.elpv))
     raise DefectflowError("Give the data: --data DIR, or --dataset mvtec|btad --root DIR --category NAME.")
 
 
-def _given_or_trained_on(args: argparse.Namespace, detector, require_test: bool = True) -> tuple[AnomalyFolder, bool]:
+def _given_or_trained_on(args: argparse.Namespace, detector, require_test: bool = True,
+                         require_train: bool = True) -> tuple[AnomalyFolder, bool]:
     """The category the data options name, else the one the checkpoint was trained on; and whether it was the latter."""
     recorded = args.data is None and args.dataset is None
     if recorded:
         if detector.trained_on is None:
             raise DefectflowError(f"{args.checkpoint} does not record the data it was trained on; give --data.")
         args.data = Path(detector.trained_on["root"])
-    return _folder(args, require_test=require_test), recorded
+    return _folder(args, require_test=require_test, require_train=require_train), recorded
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -188,7 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{sum(r.status == 'ok' for r in records)} of {len(records)} checkpoints evaluated; summary in {out}")
         return 0 if all(r.status == "ok" for r in records) else 1
     detector = _inference_detector(args)
-    folder, recorded = _given_or_trained_on(args, detector)
+    folder, recorded = _given_or_trained_on(args, detector, require_train=False)  # only the test images are scored
     print(f"Evaluating {args.checkpoint} on {folder.root}" + (" (the data it was trained on; --data for other data)" if recorded else ""))
     out = prepare_output(args.out, f"eval-{folder.name}", args.overwrite, reads=[args.checkpoint, folder.root, *_onnx(args)],
                          not_inside=[args.checkpoint, *scanned_folders(folder.root)])

@@ -98,18 +98,19 @@ class AnomalyFolder:
         return self.root.name
 
     @classmethod
-    def scan(cls, root: str | Path, require_test: bool = True) -> "AnomalyFolder":
+    def scan(cls, root: str | Path, require_test: bool = True, require_train: bool = True) -> "AnomalyFolder":
+        """The category at root; evaluation alone needs no training images (require_train False)."""
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"Dataset folder not found: {root}")
         train_dir = root / "train"
         good = _good_folder(train_dir)
-        if good is None:
+        if good is None and (require_train or not (root / "test").is_dir()):
             raise DataError(
                 f"{root} is not in the MVTec AD layout: expected normal training images in "
                 f"{train_dir / 'good'} (or {train_dir / 'ok'} as in BTAD)."
             )
-        train = tuple(Sample(p, 0, good.name) for p in list_images(good))
+        train = () if good is None else tuple(Sample(p, 0, good.name) for p in list_images(good))
         test = cls._scan_test(root) if require_test or (root / "test").is_dir() else ()
         has_masks = (root / "ground_truth").is_dir()
         return cls(root=root, train=train, test=test, has_masks=has_masks)
