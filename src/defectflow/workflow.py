@@ -65,8 +65,8 @@ def prepare_output(out: str | Path | None, name: str, overwrite: bool = False, r
             else:
                 target.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    (out / OWNER_FILE).write_text("The results, pictures and models named in defectflow's OUTPUTS here were written by "
-                                  "defectflow; `--overwrite` removes them.\n")
+    (out / OWNER_FILE).write_text(f"defectflow wrote its outputs here ({', '.join(OUTPUTS)}); `--overwrite` removes "
+                                  "those, and only those.\n")
     return out
 
 
