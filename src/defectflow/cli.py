@@ -27,7 +27,7 @@ from .data.synthetic import DefectSynthesizer, TextureSource, sample_generator
 from .data.named import DATASETS, category_root
 from .errors import DefectflowError, DefectflowWarning
 from .export import ONNX_FILE, export_int8, export_onnx
-from .files import is_inside
+from .files import containing
 from .memory import keep_freed_memory
 from .metrics import METRIC_NAMES, METRIC_TITLES
 from .report import markdown_table, save_synthetic_grid, write_heatmaps, write_predictions
@@ -310,7 +310,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
     if args.out.exists() and not args.overwrite:
         raise DefectflowError(f"{args.out} already exists; choose another --out or pass --overwrite.")
     folder = _folder(args, require_test=False)
-    container = next((f for f in scanned_folders(folder.root) if is_inside(args.out, f)), None)
+    container = containing(args.out, scanned_folders(folder.root))
     if container is not None:
         raise DefectflowError(f"--out {args.out} lies inside {container}, which is read as data (the picture would become a "
                               "training or test image); choose an --out outside it.")

@@ -8,7 +8,7 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -31,6 +31,11 @@ def json_digest(content: dict, without: str) -> str:
 def is_inside(path: str | Path, folder: str | Path) -> bool:
     """Whether path is folder or lies below it, links resolved (a path that does not exist yet too)."""
     return Path(path).resolve().is_relative_to(Path(folder).resolve())
+
+
+def containing(path: str | Path, folders: Iterable[str | Path]) -> Path | None:
+    """The first of folders that path is or lies inside (see is_inside), or None."""
+    return next((Path(folder) for folder in folders if is_inside(path, folder)), None)
 
 
 def staging_name(path: Path) -> Path:

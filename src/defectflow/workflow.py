@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .data.folder import AnomalyFolder
-from .files import is_inside, unwritable_reason
+from .files import containing, unwritable_reason
 from .errors import DataError
 from .htmlreport import evaluation_section, table, write_html
 from .methods import Detector, Evaluation
@@ -40,7 +40,7 @@ def prepare_output(out: str | Path | None, name: str, overwrite: bool = False, r
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; choose a folder path for the output.")
-    container = next((Path(f) for f in not_inside if is_inside(out, Path(f))), None)
+    container = containing(out, not_inside)
     if container is not None:
         raise DataError(f"--out {out} lies inside {container}, which this command reads; choose an --out outside it.")
     reason = unwritable_reason(out)
@@ -55,7 +55,7 @@ def prepare_output(out: str | Path | None, name: str, overwrite: bool = False, r
                             f"writing there (no {OWNER_FILE}); --overwrite replaces only its own outputs. Move them "
                             "or choose another --out.")
         for path in reads:
-            held = next((entry for entry in present if is_inside(Path(path), entry)), None)
+            held = containing(path, present)
             if held is not None:
                 raise DataError(f"--out {out} holds {path}, which this command reads: --overwrite would delete {held}. "
                                 "Choose another --out.")
