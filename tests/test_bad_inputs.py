@@ -78,6 +78,16 @@ def copy_checkpoint(source: Path, target: Path, edit=None, version: int = 2) -> 
     return target
 
 
+def copy_without_a_mask(corpus: Path, tmp_path: Path) -> tuple[Path, Path, bytes]:
+    """A copy of corpus/bottle whose first mask is gone: (the copy, that mask's path, its bytes)."""
+    data = tmp_path / "bottle"
+    shutil.copytree(corpus / "bottle", data, symlinks=True)
+    mask = sorted((data / "ground_truth" / "broken_large").iterdir())[0]
+    whole = mask.read_bytes()
+    mask.unlink()
+    return data, mask, whole
+
+
 def error_line(capsys: pytest.CaptureFixture) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -100,6 +110,7 @@ BAD_OPTIONS = [
     (["--method", "differnet", "--lr", "nan"], "lr must be a finite number"),
     (["--condition-dim", "0"], "condition_dim must be a positive multiple of 4"),
     (["--flow-map-stride", "3"], "flow_map_stride must be 1, 2 or 4"),
+    (["--flow-neighbourhood", "2"], "flow_neighbourhood must be an odd number"),
     (["--method", "clscnf", "--smoothing-sigma", "1"], "flow_map_stride 2 needs smoothing_sigma of at least 2"),
     (["--method", "clscnf", "--cls-batch-size", "0"], "cls_batch_size must be at least 1"),
 ]
@@ -176,16 +187,27 @@ def test_train_refuses_its_out_before_training(corpus: Path, tmp_path: Path, cap
     assert "not writable" in error_line(capsys)
 
 
+def test_a_texture_folder_that_is_not_there_is_refused_before_training_even_where_unused(corpus: Path, tmp_path: Path,
+                                                                                          capsys, monkeypatch) -> None:
+    monkeypatch.setattr(methods.Detector, "_fit", lambda *a, **k: pytest.fail("trained before checking --texture-dir"))
+    missing = tmp_path / "dtd"
+    for method in ("cflow", "clscnf"):  # cflow without a validation set never makes a synthetic defect
+        assert main(["train", "--method", method, "--data", str(corpus / "bottle"), "--out", str(tmp_path / method),
+                     "--texture-dir", str(missing), "--val-fraction", "0", *TINY]) == 2
+        assert f"Folder not found: {missing}" in error_line(capsys)
+        assert not (tmp_path / method).exists()
+
+
 def test_run_checks_test_images_and_masks_before_training(corpus: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setattr(methods.Detector, "fit", lambda *a, **k: pytest.fail("trained before checking the test split"))
-    data = tmp_path / "bottle"
-    shutil.copytree(corpus / "bottle", data, symlinks=True)
-    mask = sorted((data / "ground_truth" / "broken_large").iterdir())[0]
-    mask.unlink()
+    data, mask, whole = copy_without_a_mask(corpus, tmp_path)
     Image.new("L", (100, 100)).save(mask)
     assert main(["run", "--data", str(data), "--out", str(tmp_path / "run"), "--quiet"]) == 2
     err = error_line(capsys)
     assert str(mask) in err and "100x100" in err and "size of their image" in err
+    mask.write_bytes(whole[: len(whole) // 2])  # its header is whole: only decoding finds it
+    assert main(["run", "--data", str(data), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert f"Cannot read mask {mask}" in error_line(capsys)
     mask.unlink()
     assert main(["run", "--data", str(data), "--out", str(tmp_path / "run2"), "--quiet"]) == 2
     assert "No mask for defective image" in error_line(capsys)
@@ -305,6 +327,17 @@ def test_eval_without_data_uses_the_recorded_root(trained, corpus: Path, tmp_pat
     assert json.loads((tmp_path / "h" / "results.json").read_text())["results"]["held"]["aupro"] is not None
     assert main(["train", "--data", str(held), "--out", str(tmp_path / "m"), *TINY]) == 2
     assert "not in the MVTec AD layout" in error_line(capsys)
+
+
+def test_eval_checks_masks_before_scoring_and_before_making_its_output(trained, corpus: Path, tmp_path: Path, capsys,
+                                                                        monkeypatch) -> None:
+    monkeypatch.setattr(methods.Detector, "evaluate", lambda *a, **k: pytest.fail("scored before checking the masks"))
+    data, mask, whole = copy_without_a_mask(corpus, tmp_path)
+    mask.write_bytes(whole[: len(whole) // 2])
+    out = tmp_path / "e"
+    assert main(["eval", "--checkpoint", str(trained[0]), "--data", str(data), "--out", str(out), "--quiet"]) == 2
+    assert f"Cannot read mask {mask}" in error_line(capsys)
+    assert not out.exists()
 
 
 # -- images that cannot be read ------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from defectflow.data.folder import AnomalyFolder
 from defectflow.errors import CheckpointError, ConfigError
 from defectflow.methods.base import hold_out
 
-TINY = dict(input_size=128, meta_epochs=1, sub_epochs=2, fiber_batch=512, lr=1e-3, batch_size=8)
+TINY = dict(input_size=256, meta_epochs=1, sub_epochs=2, fiber_batch=512, lr=1e-3, batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def trained(small_bottle: AnomalyFolder) -> defectflow.Detector:
 
 def test_detects_real_defects(trained: defectflow.Detector, small_bottle: AnomalyFolder) -> None:
     evaluation = trained.evaluate(small_bottle, progress=False)
-    assert evaluation.prediction.maps.shape == (6, 128, 128)
+    assert evaluation.prediction.maps.shape == (6, 256, 256)
     assert evaluation.metrics["image_auroc"] >= 0.8
     assert evaluation.metrics["pixel_auroc"] >= 0.8
     assert 0 < evaluation.metrics["aupro"] <= 1
@@ -49,9 +49,10 @@ def test_calibration_uses_training_data_only(trained: defectflow.Detector, small
     together = trained.predict(list(small_bottle.test), progress=False).scores
     alone = np.array([trained.predict([s], progress=False).scores[0] for s in small_bottle.test])
     np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-5)
-    train_maps = trained.predict(list(small_bottle.train[:4]), progress=False).maps
+    _, calibrated = hold_out(list(small_bottle.train), trained.config.val_fraction, trained.config.seed)
+    train_maps = trained.predict(calibrated[:4], progress=False).maps
     assert np.median(train_maps) == pytest.approx(0.0, abs=0.5)  # normal pixels sit near 0
-    assert train_maps.max() <= 1.0 + 1e-4
+    assert train_maps.max() <= 1.0 + 1e-4  # the calibration images' highest pixel is 1 (a held-out image may lie above)
 
 
 def test_image_score_is_relative_to_each_pixels_normal_level(trained: defectflow.Detector, small_bottle: AnomalyFolder) -> None:
@@ -97,6 +98,23 @@ def test_checkpoint_of_another_shape_is_refused(trained: defectflow.Detector, tm
     (path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="do not fit"):
         defectflow.load(path)
+
+
+def test_checkpoints_from_before_the_neighbourhood_score_single_cells(trained: defectflow.Detector, small_bottle: AnomalyFolder,
+                                                                       tmp_path: Path) -> None:
+    import json
+
+    from defectflow.checkpoint import config_digest
+
+    path = trained.save(tmp_path / "model")
+    meta = json.loads((path / "config.json").read_text())
+    del meta["config"]["flow_neighbourhood"]  # as an earlier version wrote it
+    meta["config_sha256"] = config_digest(meta)
+    (path / "config.json").write_text(json.dumps(meta))
+    older = defectflow.load(path)
+    assert trained.model.scorer.flows.neighbourhood == 3 and older.model.scorer.flows.neighbourhood == 1
+    images = list(small_bottle.test)[:2]
+    assert not np.allclose(older.predict(images, progress=False).maps, trained.predict(images, progress=False).maps)
 
 
 def test_bad_options_are_clear_errors() -> None:

@@ -129,9 +129,10 @@ def test_configs_written_before_an_option_load_with_the_behaviour_they_had() -> 
     from defectflow.methods import ClsCNFConfig
 
     written = ClsCNFConfig().to_json()
-    older = {k: v for k, v in written.items() if k not in ("tune_from_level", "flow_map_stride")}
+    older = {k: v for k, v in written.items() if k not in ("tune_from_level", "flow_map_stride", "flow_neighbourhood")}
     config = ClsCNFConfig.from_json(older)
     assert config.tune_from_level == 0 and config.flow_map_stride == 1  # the whole extractor tuned, full-size flow map
+    assert config.flow_neighbourhood == 1 and ClsCNFConfig().flow_neighbourhood == 3  # flows on single cells, as then
     assert ClsCNFConfig.from_json(written) == ClsCNFConfig()
     with pytest.raises(CheckpointError, match="flow_map_stride must be"):
         ClsCNFConfig.from_json({**written, "flow_map_stride": 3})

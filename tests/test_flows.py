@@ -60,6 +60,28 @@ def test_maps_have_feature_grid_shape() -> None:
     assert [o.shape for o in out] == [(2, 6, 6), (2, 3, 3)]
 
 
+def test_flows_model_each_cells_neighbourhood_mean_in_training_and_in_scoring() -> None:
+    torch.manual_seed(0)
+    features = torch.randn(2, 3, 8, 7)
+    flows = ConditionalFlows([3], cond_dim=8, n_blocks=1, neighbourhood=3)
+    means = flows.neighbourhood_mean(features)
+    assert torch.allclose(means[:, :, 2, 2], features[:, :, 1:4, 1:4].mean(dim=(2, 3)), atol=1e-6)
+    assert torch.allclose(means[:, :, 0, 0], features[:, :, :2, :2].mean(dim=(2, 3)), atol=1e-6)  # inside the grid only
+    assert torch.allclose(means[:, :, 7, 6], features[:, :, 6:, 5:].mean(dim=(2, 3)), atol=1e-6)
+    with torch.no_grad():
+        scored = flows([features])[0]
+        flows.neighbourhood = 1
+        assert torch.equal(flows.neighbourhood_mean(features), features)
+        assert torch.allclose(scored, flows([means])[0], atol=1e-6)  # the flow sees the means, not the cells
+    flows.neighbourhood = 3
+    seen: list[torch.Tensor] = []
+    original = flows.vector_log_likelihood
+    flows.vector_log_likelihood = lambda level, vectors, cond: seen.append(vectors.detach().clone()) or original(level, vectors, cond)
+    train_flows(flows, [features], CFlowConfig(fiber_batch=16, epoch_vectors=112, meta_epochs=1, sub_epochs=1), progress=False)
+    trained_on = torch.cat(seen)
+    assert torch.equal(trained_on.sort(dim=0).values, means.permute(0, 2, 3, 1).reshape(-1, 3).sort(dim=0).values)
+
+
 def test_training_lowers_nll_and_prefers_the_training_distribution() -> None:
     torch.manual_seed(0)
     features = [3.0 + 0.5 * torch.randn(6, 4, 4, 4)]

@@ -192,6 +192,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     detector = _inference_detector(args)
     folder, recorded = _given_or_trained_on(args, detector, require_train=False)  # only the test images are scored
     print(f"Evaluating {args.checkpoint} on {folder.root}" + (" (the data it was trained on; --data for other data)" if recorded else ""))
+    folder.check_test_split()  # a bad mask is found now, not after scoring, and leaves no output folder behind
     out = prepare_output(args.out, f"eval-{folder.name}", args.overwrite, reads=[args.checkpoint, folder.root, *_onnx(args)],
                          not_inside=[args.checkpoint, *scanned_folders(folder.root)])
     evaluation = detector.evaluate(folder, progress=not args.quiet)

@@ -16,8 +16,9 @@ import json
 import logging
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -146,7 +147,8 @@ def export_int8(detector, checkpoint: str | Path, folder: AnomalyFolder, onnx: s
     (its defects and masks, each model's thresholds), or on the calibration images (score
     differences only) when the model was trained without one; a drop is warned of."""
     try:
-        import nncf
+        with quiet_nncf(progress):
+            import nncf
         import openvino as ov
     except ImportError:
         raise ConfigError("export --int8 needs the openvino and nncf packages: pip install openvino nncf") from None
@@ -184,18 +186,42 @@ def export_int8(detector, checkpoint: str | Path, folder: AnomalyFolder, onnx: s
     return path, check
 
 
+@contextmanager
+def quiet_nncf(progress: bool) -> Iterator[None]:
+    """NNCF's output as the command asked: its notes (its logger) and its progress bars (drawn on
+    rich's console) only with progress; never the warning torch prints when NNCF, importing or
+    quantizing, loads torch's extension builder on a machine without CUDA ("No CUDA runtime is
+    found, using CUDA_HOME=..."): nothing here compiles a CUDA extension."""
+    import rich
+
+    cpp_extension = logging.getLogger("torch.utils.cpp_extension")
+    only_errors = lambda record: record.levelno >= logging.ERROR  # noqa: E731 - a filter, not a level: torch resets levels on import
+    console = rich.get_console()
+    quiet = console.quiet
+    cpp_extension.addFilter(only_errors)
+    console.quiet = quiet or not progress
+    try:
+        import nncf  # under the filter: its first import is one that warns
+
+        level = nncf.nncf_logger.level
+        nncf.set_log_level(level if progress else logging.ERROR)
+        try:
+            yield
+        finally:
+            nncf.set_log_level(level)
+    finally:
+        console.quiet = quiet
+        cpp_extension.removeFilter(only_errors)
+
+
 def quantize(onnx: Path, samples, count: int, progress: bool):
     """The ONNX graph's OpenVINO model with NNCF's INT8 quantizers on the extractor only."""
-    import nncf
+    with quiet_nncf(progress):
+        import nncf
 
-    level = nncf.nncf_logger.level
-    nncf.set_log_level(level if progress else logging.ERROR)  # its progress bars and notes
-    try:
         model = openvino_core().read_model(str(onnx))
         kept = nncf.IgnoredScope(names=outside_extractor(onnx, model), validate=False)
         return nncf.quantize(model, samples, subset_size=count, ignored_scope=kept)
-    finally:
-        nncf.set_log_level(level)
 
 
 def extractor_part(model, onnx: Path, detector, example: torch.Tensor):

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import DataError
-from .images import IMAGE_EXTENSIONS, Size, as_size, check_min_size, image_size, load_mask, read_image, resize_image, to_tensor
+from .images import IMAGE_EXTENSIONS, Size, as_size, check_min_size, image_size, load_mask, read_image, read_mask, resize_image, to_tensor
 
 GOOD_NAMES = ("good", "ok")
 _MASK_PATTERNS = ("{stem}_mask.png", "{stem}.png", "{stem}.bmp", "{stem}_mask.bmp", "{stem}_mask.tif", "{stem}.tif")
@@ -135,17 +135,13 @@ class AnomalyFolder:
         return tuple(samples)
 
     def check_test_split(self) -> None:
-        """Every test image's header readable and every mask the size of its image, read from the
-        file headers only: `run` checks this before training, not after."""
+        """Every test image's header readable, and every mask decoded whole and the size of its
+        image: `run` and `eval` check this before their long work, not after it (masks are few
+        and small; the images are scored where they fail, as FAILED)."""
         for sample in self.test:
             size = image_size(sample.path)
             if sample.mask_path is not None:
-                mask_size = image_size(sample.mask_path)
-                if mask_size != size:
-                    raise DataError(
-                        f"Mask {sample.mask_path} is {mask_size[0]}x{mask_size[1]} but its image {sample.path} is "
-                        f"{size[0]}x{size[1]}. Masks must have the size of their image."
-                    )
+                read_mask(sample.mask_path, expected_size=size, image=sample.path)
 
 
 class ImageDataset(Dataset):
@@ -189,7 +185,8 @@ def load_sample_mask(
     (width, height); that size is read from the image file's header when not given."""
     if sample.mask_path is None:
         return torch.zeros(1, *as_size(size))
-    return load_mask(sample.mask_path, size, expected_size=full_size or image_size(sample.path), resampling=resampling)
+    return load_mask(sample.mask_path, size, expected_size=full_size or image_size(sample.path), resampling=resampling,
+                     image=sample.path)
 
 
 def sample_size(sample: Sample) -> tuple[int, int]:

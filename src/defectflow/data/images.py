@@ -23,23 +23,24 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 MIN_SIDE = 32  # the smallest image side training accepts
 
 
-def _open(path: Path, decode: bool = True) -> Image.Image:
-    """The image as it should be seen: decoded, and turned upright as its EXIF orientation says."""
+def _open(path: Path, decode: bool = True, what: str = "image") -> Image.Image:
+    """The image as it should be seen: decoded, and turned upright as its EXIF orientation says.
+    `what` names the file in errors (an image, a mask)."""
     try:
         image = Image.open(path)
         if decode:
             image.load()
             image = ImageOps.exif_transpose(image)
     except FileNotFoundError:
-        raise DataError(f"Image not found: {path}") from None
+        raise DataError(f"{what.capitalize()} not found: {path}") from None
     except Image.DecompressionBombError:
         raise DataError(
-            f"Image {path} has more pixels than PIL reads safely ({2 * Image.MAX_IMAGE_PIXELS:,}): a decompression bomb "
+            f"{what.capitalize()} {path} has more pixels than PIL reads safely ({2 * Image.MAX_IMAGE_PIXELS:,}): a decompression bomb "
             "or a huge scan. Reduce it, or remove the file."
         ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(
-            f"Cannot read image {path}: {exc}. Replace or remove the file (is it truncated or not an image?)."
+            f"Cannot read {what} {path}: {exc}. Replace or remove the file (is it truncated or not an image?)."
         ) from None
     return image
 
@@ -163,20 +164,27 @@ def resize_mask(binary: torch.Tensor, size: int | Sequence[int], resampling: str
     raise ValueError(f"Unknown mask resampling {resampling!r}: choose one of {MASK_RESAMPLING}")
 
 
-def load_mask(
-    path: str | Path, size: int | Sequence[int], expected_size: tuple[int, int] | None = None, resampling: str = "cover"
-) -> torch.Tensor:
-    """1 x height x width float tensor of 0/1 (see resize_mask for the resampling).
+def read_mask(path: str | Path, expected_size: tuple[int, int] | None = None, image: str | Path | None = None) -> np.ndarray:
+    """The mask decoded whole, as a height x width bool array (nonzero = defect).
 
-    expected_size is the (width, height) of the image the mask belongs to; a mismatch is an error
-    because a mask of another size usually belongs to another image or another resolution.
+    expected_size is the (width, height) of the image the mask belongs to (`image`, named in the
+    error); a mismatch is an error because a mask of another size usually belongs to another
+    image or another resolution.
     """
     path = Path(path)
-    image = _open(path)
-    if expected_size is not None and image.size != tuple(expected_size):
+    mask = _open(path, what="mask")
+    if expected_size is not None and mask.size != tuple(expected_size):
         raise DataError(
-            f"Mask {path} is {image.size[0]}x{image.size[1]} but its image is "
+            f"Mask {path} is {mask.size[0]}x{mask.size[1]} but its image{f' {image}' if image else ''} is "
             f"{expected_size[0]}x{expected_size[1]}. Masks must have the size of their image."
         )
-    array = np.asarray(image.convert("L") if image.mode not in _SIXTEEN_BIT_MODES | {"F"} else image)
-    return resize_mask(torch.from_numpy(array > 0), size, resampling)
+    return np.asarray(mask.convert("L") if mask.mode not in _SIXTEEN_BIT_MODES | {"F"} else mask) > 0
+
+
+def load_mask(
+    path: str | Path, size: int | Sequence[int], expected_size: tuple[int, int] | None = None, resampling: str = "cover",
+    image: str | Path | None = None,
+) -> torch.Tensor:
+    """1 x height x width float tensor of 0/1 (see resize_mask for the resampling; read_mask for
+    expected_size and image)."""
+    return resize_mask(torch.from_numpy(read_mask(path, expected_size, image)), size, resampling)

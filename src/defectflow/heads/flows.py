@@ -127,12 +127,26 @@ def grid_log_likelihood(flow: Ff.SequenceINN, x: torch.Tensor, cond: torch.Tenso
 
 
 class ConditionalFlows(nn.Module):
-    """One conditional flow per feature level; maps feature maps to per-level log-likelihood maps."""
+    """One conditional flow per feature level; maps feature maps to per-level log-likelihood maps.
 
-    def __init__(self, channels: Sequence[int], cond_dim: int = 128, n_blocks: int = 8, clamp: float = 1.9) -> None:
+    With a neighbourhood k > 1 a flow models the mean of each cell's k x k neighbourhood on its
+    level's grid (PatchCore's local aggregation), not the cell alone: one cell's feature varies
+    with where the part's texture happens to fall on the grid, its neighbourhood's mean much less,
+    so good parts score more alike while a defect, which changes its whole neighbourhood, does not
+    average away. Training and scoring both see the means (neighbourhood_mean)."""
+
+    def __init__(self, channels: Sequence[int], cond_dim: int = 128, n_blocks: int = 8, clamp: float = 1.9,
+                 neighbourhood: int = 1) -> None:
         super().__init__()
         self.cond_dim = cond_dim
+        self.neighbourhood = neighbourhood
         self.flows = nn.ModuleList(conditional_flow(c, cond_dim, n_blocks, clamp) for c in channels)
+
+    def neighbourhood_mean(self, features: torch.Tensor) -> torch.Tensor:
+        """B x C x h x w features -> each cell's mean over its neighbourhood (the cells inside the
+        grid only, so the border is not pulled towards 0); the features themselves for k = 1."""
+        k = self.neighbourhood
+        return features if k == 1 else F.avg_pool2d(features, k, stride=1, padding=k // 2, count_include_pad=False)
 
     def condition(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         """(H*W) x cond_dim positional conditions in row-major order of the grid."""
@@ -147,7 +161,7 @@ class ConditionalFlows(nn.Module):
         images (about `chunk` vectors) to bound memory. An exported graph is not chunked: a loop
         over the batch would fix its batch size."""
         batch, channels, height, width = features.shape
-        vectors = features.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        vectors = self.neighbourhood_mean(features).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
         cond = self.condition(height, width, features.device)
         if torch.compiler.is_exporting():
             return grid_log_likelihood(self.flows[level], vectors, cond).view(batch, height, width)

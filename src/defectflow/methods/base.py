@@ -30,7 +30,7 @@ from ..data.folder import (
     samples_from_paths,
 )
 from ..data.images import MASK_RESAMPLING, Size
-from ..data.synthetic import DefectSynthesizer, TextureSource, ValidationSet, build_validation_set
+from ..data.synthetic import DefectSynthesizer, TextureSource, ValidationSet, build_validation_set, list_images_recursive
 from ..errors import CheckpointError, ConfigError, DataError, DefectflowWarning
 from ..features.extractor import FeatureExtractor
 from ..heads.guard import input_statistics, reasons
@@ -44,7 +44,8 @@ T = TypeVar("T")
 # and load with the values that give their behaviour, and these buffers, which load with their
 # defaults (the guard uncalibrated or without its colour check, the heads' scales the identity).
 LEGACY_OPTIONS: dict[str, Any] = {"tile_size": None, "tile_overlap": 64, "mask_resampling": "cover", "position_reference": False,
-                                   "train_precision": "fp32", "tune_from_level": 0, "gradient_map": "input", "flow_map_stride": 1}
+                                   "train_precision": "fp32", "tune_from_level": 0, "gradient_map": "input", "flow_map_stride": 1,
+                                   "flow_neighbourhood": 1}
 ADDED_LATER = ("guard.", "head_low", "head_high", "scorer.position_low", "fused_low")
 
 
@@ -437,6 +438,8 @@ class Detector:
             data = AnomalyFolder.scan(data, require_test=False)
         train = _samples(data, "train")
         check_training_images(train)
+        if c.texture_dir is not None:  # now, not when the first synthetic defect needs it (or never: an option that does nothing)
+            list_images_recursive(Path(c.texture_dir))
         if len(c.input_size) == 1:
             self.config = c = dataclasses.replace(c, input_size=fitted_size(train, c.input_size[0]))
         # absolute: eval without --data finds the data from any working directory

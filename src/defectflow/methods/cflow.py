@@ -48,6 +48,10 @@ class CFlowConfig(DetectorConfig):
         True, "image score relative to each pixel's normal level (mean + 2 sd of the training images' maps there, "
         "at least 0): where good parts vary (edges, slots, fixtures) stops outscoring a real defect; the map is unchanged",
     )
+    flow_neighbourhood: int = option(
+        3, "the flows model the mean of each cell's k x k neighbourhood on its level's grid (odd k; 1: the cell alone, "
+        "as CFlow-AD): good parts score more alike, so fewer of them outscore a real defect",
+    )
     flow_map_stride: int = option(
         2, "the flows' levels are summed and smoothed at 1/stride of the input size (1, 2 or 4), then upsampled once: "
         "a map smoothed with sigma >= stride pixels has no detail finer than that, and the steps cost 1/stride^2",
@@ -58,6 +62,8 @@ class CFlowConfig(DetectorConfig):
         if self.condition_dim < 4 or self.condition_dim % 4:
             raise ConfigError(f"condition_dim must be a positive multiple of 4, got {self.condition_dim}")
         at_least(self, 1, "coupling_blocks", "fiber_batch", "meta_epochs", "sub_epochs")
+        if self.flow_neighbourhood < 1 or self.flow_neighbourhood % 2 == 0:
+            raise ConfigError(f"flow_neighbourhood must be an odd number of cells (1, 3, 5, ...), got {self.flow_neighbourhood}")
         at_least(self, 0, "warmup_meta_epochs")
         positive(self, "lr", "clamp")
         if self.flow_map_stride not in (1, 2, 4):
@@ -298,7 +304,7 @@ def train_level(
     """One level's flow, trained on `per_epoch` random vectors of its cached B x C x h x w features
     in each epoch; returns its loss per epoch. `before_step` runs before every step (CoreShares)."""
     device = features.device
-    vectors = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    vectors = flows.neighbourhood_mean(features).permute(0, 2, 3, 1).reshape(-1, features.shape[1])
     positions = features.shape[2] * features.shape[3]
     cond = flows.condition(features.shape[2], features.shape[3], device)
     params = list(flows.flows[level].parameters())
@@ -329,7 +335,7 @@ def train_level(
 
 
 def build_flow_scorer(config: CFlowConfig, channels: Sequence[int]) -> FlowScorer:
-    flows = ConditionalFlows(channels, config.condition_dim, config.coupling_blocks, config.clamp)
+    flows = ConditionalFlows(channels, config.condition_dim, config.coupling_blocks, config.clamp, config.flow_neighbourhood)
     return FlowScorer(flows, config.input_size, config.smoothing_sigma, config.image_score, config.flow_map_stride)
 
 
