@@ -11,7 +11,7 @@ from conftest import link_bottle_slice
 from defectflow.cli import build_parser, main
 
 # single-cell flows: a few dozen steps on a handful of images do not fit the pooled border cells of
-# neighbourhood means (README, *Flows on neighbourhood means*), and the maps must find the defects
+# neighbourhood means (benchmarks/README.md, *Flows on neighbourhood means*), and the maps must find the defects
 TINY = ["--input-size", "128", "--meta-epochs", "1", "--sub-epochs", "1", "--fiber-batch", "512", "--flow-neighbourhood", "1",
         "--quiet"]
 

@@ -15,7 +15,7 @@ from defectflow.features.extractor import FeatureExtractor
 from defectflow.methods.clscnf import FUSION_WEIGHTS
 
 # single-cell flows: a few dozen steps on a handful of images do not fit the pooled border cells of
-# neighbourhood means (README, *Flows on neighbourhood means*), and the flow head must find the defects
+# neighbourhood means (benchmarks/README.md, *Flows on neighbourhood means*), and the flow head must find the defects
 TINY = dict(input_size=128, frozen_epochs=1, joint_epochs=1, meta_epochs=1, sub_epochs=3, fiber_batch=256,
             val_fraction=0.25, batch_size=8, foreground=True, flow_neighbourhood=1)
 

@@ -23,7 +23,7 @@ from defectflow.thresholds import Thresholds
 TINY = {
     "cflow": dict(input_size=64, meta_epochs=1, sub_epochs=2, fiber_batch=256, batch_size=8, val_fraction=0.25, levels=(3, 4)),
     # single cells for clscnf: its INT8 flows, fitted again in a few steps, do not fit the pooled border cells of
-    # neighbourhood means (README, *Flows on neighbourhood means*); cflow exports the means
+    # neighbourhood means (benchmarks/README.md, *Flows on neighbourhood means*); cflow exports the means
     "clscnf": dict(input_size=64, meta_epochs=1, sub_epochs=2, fiber_batch=256, batch_size=8, val_fraction=0.25,
                    levels=(3, 4), decoder_levels=(2, 3, 4), decoder_width=16, frozen_epochs=1, joint_epochs=1,
                    flow_neighbourhood=1),

@@ -50,7 +50,7 @@ class CFlowConfig(DetectorConfig):
     )
     flow_neighbourhood: int = option(
         3, "the flows model the mean of each cell's k x k neighbourhood on its level's grid (odd k; 1: the cell alone, "
-        "as CFlow-AD): good parts score more alike; README: Flows on neighbourhood means",
+        "as CFlow-AD): good parts score more alike; benchmarks/README.md: Flows on neighbourhood means",
     )
     flow_map_stride: int = option(
         2, "the flows' levels are summed and smoothed at 1/stride of the input size (1, 2 or 4), then upsampled once: "
