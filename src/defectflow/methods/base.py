@@ -300,8 +300,8 @@ def native_bf16(device: torch.device) -> bool:
 def cpu_bf16_units() -> bool:
     """Whether this CPU computes in bfloat16 natively (x86 AVX512_BF16 or AMX, ARM BF16). oneDNN's
     own check (torch.ops.mkldnn._is_mkldnn_bf16_supported) is true on any AVX-512 CPU, where it
-    emulates bf16: there training in bf16 was slower than in fp32, not faster (benchmarks/README.md, *Training
-    on CPUs without bf16 units*)."""
+    emulates bf16: there training in bf16 was slower than in fp32, not faster
+    (benchmarks/README.md, *Training on CPUs without bf16 units*)."""
     capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.8
     if capabilities is None:
         return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())

@@ -27,8 +27,9 @@ default the heads share what fine-tuning leaves alone and part where it starts: 
 the stem and the untuned shallow stages (most of a pass: the highest resolutions) feeds both; the
 classifier reads the fine-tuned deeper stages, the flows the same stages with ImageNet weights,
 run from the shared stage's output (`ClsCNFModel.branch`). That scored at or above the paper's
-shared system on all four metrics of all three products and above cflow on KolektorSDD (benchmarks/README.md,
-"what the shared, fine-tuned extractor costs the flows"); `shared=True` is the paper's system.
+shared system on all four metrics of all three products and above cflow on KolektorSDD
+(benchmarks/README.md, "what the shared, fine-tuned extractor costs the flows"); `shared=True` is
+the paper's system.
 """
 
 from __future__ import annotations
