@@ -5,7 +5,8 @@
 
 Data sets: MVTec AD bottle (square, centred object, large defects), KolektorSDD (500 x ~1260
 grayscale commutators, hairline cracks) from ../shared/data, and the built-in elpv task (mono
-solar cells, image labels only). For each data set and method it trains with the tool's defaults
+solar cells, image labels only); `--datasets bottle-moved` adds bottle rotated and shifted at
+random, a product whose position varies (benchmarks/moved_parts.py). For each data set and method it trains with the tool's defaults
 ("now") and with the previous defaults ("before": square 256 x 256 input, nearest-neighbour mask
 resizing, the old image score, no per-pixel normal level in the flow map, flows on single cells,
 clscnf's flows on the fine-tuned extractor; clscnf is also fused the other way from the same training), and prints the four metrics, how many defective parts pass as OK and how many good parts are flagged
@@ -29,10 +30,12 @@ from defectflow.methods import METHODS
 from defectflow.report import format_table
 from defectflow.thresholds import far_threshold
 from defectflow.workflow import decision_counts
+from moved_parts import moved_copy
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-DATASETS = {"bottle": lambda: SHARED / "mvtec" / "bottle", "kolektorsdd": lambda: SHARED / "kolektorsdd", "elpv": prepare_elpv}
-PREVIOUS = {"input_size": (256, 256), "mask_resampling": "nearest", "image_score": "max", "position_reference": False,
+DATASETS = {"bottle": lambda: SHARED / "mvtec" / "bottle", "kolektorsdd": lambda: SHARED / "kolektorsdd", "elpv": prepare_elpv,
+            "bottle-moved": lambda: moved_copy(SHARED / "mvtec" / "bottle")}
+PREVIOUS = {"input_size": (256, 256), "mask_resampling": "nearest", "image_score": "max", "position_reference": "off",
             "shared": True, "flow_neighbourhood": 1}
 
 

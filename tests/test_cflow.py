@@ -1,5 +1,7 @@
 """CFlow-AD end to end on a handful of real bottle images with tiny settings."""
 
+import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +10,7 @@ import torch
 
 import defectflow
 from conftest import top_mean
+from defectflow.checkpoint import read_checkpoint, save_checkpoint
 from defectflow.data.folder import AnomalyFolder
 from defectflow.errors import CheckpointError, ConfigError
 from defectflow.methods.base import hold_out
@@ -17,7 +20,7 @@ TINY = dict(input_size=256, meta_epochs=1, sub_epochs=2, fiber_batch=512, lr=1e-
 
 @pytest.fixture(scope="module")
 def trained(small_bottle: AnomalyFolder) -> defectflow.Detector:
-    return defectflow.create("cflow", **TINY).fit(small_bottle, progress=False)
+    return defectflow.create("cflow", **TINY, position_reference="on").fit(small_bottle, progress=False)
 
 
 def test_detects_real_defects(trained: defectflow.Detector, small_bottle: AnomalyFolder) -> None:
@@ -68,10 +71,41 @@ def test_image_score_is_relative_to_each_pixels_normal_level(trained: defectflow
     test = trained.predict(list(small_bottle.test), progress=False)
     assert trained.config.image_score == "top" and trained.config.smoothing_sigma == 4.0
     np.testing.assert_allclose(test.scores, top_mean(test.maps - level.numpy(), 201), rtol=1e-5, atol=1e-6)
-    off = defectflow.create("cflow", **TINY, position_reference=False, image_score="max").fit(small_bottle, progress=False)
+    off = defectflow.create("cflow", **TINY, position_reference="off", image_score="max").fit(small_bottle, progress=False)
     assert not off.model.scorer.position_low.any()
     plain = off.predict(list(small_bottle.test), progress=False)
     np.testing.assert_allclose(plain.scores, plain.maps.reshape(len(plain.maps), -1).max(axis=1), rtol=1e-6)
+
+
+def test_auto_keeps_the_level_where_synthetic_defects_stand_higher_with_it(trained: defectflow.Detector, bottle: Path) -> None:
+    """position_reference auto compares the synthetic defects' median standing above the held-out
+    good images' scores, (score - mean) / sd, with and without the level, and fixes on or off."""
+    auto = copy.deepcopy(trained)
+    auto.config = dataclasses.replace(auto.config, position_reference="auto")
+    auto._settle_position_reference()  # 2 held-out images: too few to decide on, the level stays
+    assert auto.config.position_reference == "on" and auto.position_standing is None
+    validation = trained._validation_set(list(AnomalyFolder.scan(bottle).train[40:52]), progress=False)
+    defective = torch.from_numpy(validation.labels == 1)
+    clean, made = (trained.predict_images(images).maps for images in (validation.clean, validation.images[defective]))
+
+    def standing(level: np.ndarray) -> float:
+        good, bad = top_mean(clean - level, 201), top_mean(made - level, 201)
+        return float(np.median((bad - good.mean()) / good.std(ddof=1)))
+
+    fitted = trained.model.scorer.position_low.numpy().copy()
+    # the fitted level lowers where good parts vary; its opposite raises them there and defects stand lower
+    for level, expected in ((fitted, "on"), (-fitted, "off")):
+        auto = copy.deepcopy(trained)
+        auto.config, auto.validation = dataclasses.replace(auto.config, position_reference="auto"), validation
+        auto.model.scorer.position_low.copy_(torch.from_numpy(level))
+        auto._settle_position_reference()
+        with_level, without = standing(level), standing(np.zeros_like(level))
+        assert auto.position_standing[True] == pytest.approx(with_level, rel=1e-4)
+        assert auto.position_standing[False] == pytest.approx(without, rel=1e-4)
+        assert (with_level >= without) == (expected == "on") and auto.config.position_reference == expected
+        assert auto.model.scorer.position_low.any() == (auto.config.position_reference == "on")
+    with pytest.raises(ConfigError, match="position_reference must be one of"):
+        defectflow.create("cflow", position_reference="sometimes")
 
 
 def test_save_load_gives_the_same_scores(trained: defectflow.Detector, small_bottle: AnomalyFolder, tmp_path: Path) -> None:
@@ -84,6 +118,12 @@ def test_save_load_gives_the_same_scores(trained: defectflow.Detector, small_bot
     np.testing.assert_allclose(after.maps, before.maps, rtol=1e-4, atol=1e-5)
     with pytest.raises(CheckpointError, match="already exists"):
         trained.save(path)
+    # before auto, position_reference was true or false
+    meta, state = read_checkpoint(path)
+    for value, expected in ((True, "on"), (False, "off")):
+        old = save_checkpoint(tmp_path / f"old-{value}", "cflow", dict(meta["config"], position_reference=value), state,
+                              extra={k: meta[k] for k in ("thresholds", "trained_on")})
+        assert defectflow.load(old).config.position_reference == expected
 
 
 def test_checkpoint_of_another_shape_is_refused(trained: defectflow.Detector, tmp_path: Path) -> None:

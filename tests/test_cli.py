@@ -49,6 +49,8 @@ def test_train_eval_predict(bottle_slice: Path, tmp_path: Path, capsys: pytest.C
     held_out = data["thresholds"]["extrapolated_from"]
     assert held_out >= 2 and f"extrapolated from only {held_out} held-out good images" in out
     assert f"extrapolated from only {held_out} held-out" in (results / "report.html").read_text()
+    # position_reference auto is settled at training (3 held-out images, too few to measure: the level stays) and said
+    assert data["config"]["position_reference"] == "on" and "Image score: above each place's normal level (position_reference on)" in out
 
     predictions = tmp_path / "pred"
     images = bottle_slice / "test" / "broken_large"

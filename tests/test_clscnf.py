@@ -22,7 +22,7 @@ TINY = dict(input_size=128, frozen_epochs=1, joint_epochs=1, meta_epochs=1, sub_
 
 @pytest.fixture(scope="module")
 def trained(small_bottle: AnomalyFolder) -> defectflow.Detector:
-    return defectflow.create("clscnf", **TINY, fusion="calibrated").fit(small_bottle, progress=False)
+    return defectflow.create("clscnf", **TINY, fusion="calibrated", position_reference="on").fit(small_bottle, progress=False)
 
 
 def test_stage_one_fine_tunes_weights_but_not_batchnorm_statistics(trained) -> None:

@@ -161,6 +161,6 @@ def test_tiled_model_on_large_images_and_a_square_checkpoint_of_the_earlier_form
     with pytest.warns(UserWarning, match="predates the frame guard"):
         loaded = defectflow.load(old)
     assert loaded.image_size == (64, 64) and loaded.config.mask_resampling == "cover"
-    assert not loaded.config.position_reference and not loaded.model.scorer.position_low.any()
+    assert loaded.config.position_reference == "off" and not loaded.model.scorer.position_low.any()
     assert loaded.config.train_precision == "fp32"  # how checkpoints before the option were trained
     assert loaded.predict(folder, progress=False).maps.shape == (4, 64, 64)

@@ -121,6 +121,10 @@ def report_evaluation(
     text = markdown_table(header, cells)
     if evaluation.masks is not None:
         text += f"\nPixel metrics: {pixel_protocol(detector)}"
+    position = getattr(detector.config, "position_reference", None)
+    if position is not None:  # cflow, clscnf (auto is settled at fit)
+        where = "above each place's normal level" if position == "on" else "of the map itself"
+        text += f"\nImage score: {where} (position_reference {position})"
     if counts is not None:
         text += f"\nAt the operating threshold ({thresholds.rule}): " + counts_text(counts)
         if thresholds.note is not None:

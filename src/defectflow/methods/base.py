@@ -43,7 +43,7 @@ T = TypeVar("T")
 # Added after checkpoints of format 1 were first written: older checkpoints lack these options,
 # and load with the values that give their behaviour, and these buffers, which load with their
 # defaults (the guard uncalibrated or without its colour check, the heads' scales the identity).
-LEGACY_OPTIONS: dict[str, Any] = {"tile_size": None, "tile_overlap": 64, "mask_resampling": "cover", "position_reference": False,
+LEGACY_OPTIONS: dict[str, Any] = {"tile_size": None, "tile_overlap": 64, "mask_resampling": "cover", "position_reference": "off",
                                    "train_precision": "fp32", "tune_from_level": 0, "gradient_map": "input", "flow_map_stride": 1,
                                    "flow_neighbourhood": 1}
 ADDED_LATER = ("guard.", "head_low", "head_high", "scorer.position_low", "fused_low")

@@ -8,6 +8,7 @@ epoch, which is most of its training time on a CPU.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import threading
 import time
@@ -29,6 +30,11 @@ from ..scoring import flow_anomaly_map, footprint, image_scores, normalise, smoo
 from .base import Detector, DetectorConfig, at_least, option, positive, prefetched, use_bf16
 
 
+POSITION_REFERENCES = ("auto", "on", "off")
+POSITION_SPREAD = 2.0  # standard deviations above a pixel's mean normal level that still count as normal
+STANDING_IMAGES = 10  # held-out good images position_reference auto needs to compare defects' standing with and without the level
+
+
 @dataclass
 class CFlowConfig(DetectorConfig):
     coupling_blocks: int = option(8, "coupling blocks per flow")
@@ -44,9 +50,11 @@ class CFlowConfig(DetectorConfig):
     meta_epochs: int = option(2, "meta-epochs: the cosine schedule steps once per meta-epoch")
     sub_epochs: int = option(2, "epochs (epoch_vectors from every level) per meta-epoch")
     warmup_meta_epochs: float = option(0.5, "linear warm-up from lr/10, in meta-epochs")
-    position_reference: bool = option(
-        True, "image score relative to each pixel's normal level (mean + 2 sd of the training images' maps there, "
-        "at least 0): where good parts vary (edges, slots, fixtures) stops outscoring a real defect; the map is unchanged",
+    position_reference: str = option(
+        "auto", "image score relative to each pixel's normal level (mean + 2 sd of the training images' maps there, "
+        "at least 0), so that where good parts vary (edges, slots, fixtures) stops outscoring a real defect; the map is "
+        "unchanged. on, off, or auto: on where the validation set's synthetic defects stand further above the held-out "
+        "good images with it than without (fixed at fit)",
     )
     flow_neighbourhood: int = option(
         3, "the flows model the mean of each cell's k x k neighbourhood on its level's grid (odd k; 1: the cell alone, "
@@ -57,8 +65,18 @@ class CFlowConfig(DetectorConfig):
         "a map smoothed with sigma >= stride pixels has no detail finer than that, and the steps cost 1/stride^2",
     )
 
+    @classmethod
+    def from_json(cls, data: dict) -> "CFlowConfig":
+        """position_reference was on or off (true / false) before auto."""
+        value = data.get("position_reference")
+        if isinstance(value, bool):
+            data = {**data, "position_reference": "on" if value else "off"}
+        return super().from_json(data)
+
     def validate(self) -> None:
         super().validate()
+        if self.position_reference not in POSITION_REFERENCES:
+            raise ConfigError(f"position_reference must be one of {POSITION_REFERENCES}, got {self.position_reference!r}")
         if self.condition_dim < 4 or self.condition_dim % 4:
             raise ConfigError(f"condition_dim must be a positive multiple of 4, got {self.condition_dim}")
         at_least(self, 1, "coupling_blocks", "fiber_batch", "meta_epochs", "sub_epochs")
@@ -86,9 +104,6 @@ def lr_factor(step: int, steps_per_meta: int, meta_epochs: int, warmup_meta: flo
         top = floor + (1 - floor) * (1 + math.cos(math.pi * warmup_meta / meta_epochs)) / 2
         return 0.1 + (top - 0.1) * step / warmup_steps
     return cosine
-
-
-POSITION_SPREAD = 2.0  # standard deviations above a pixel's mean normal level that still count as normal
 
 
 class FlowScorer(nn.Module):
@@ -175,6 +190,10 @@ class FlowMapModel(nn.Module):
         features = self.extractor(images)
         anomaly_map = self.scorer(features)
         return {"map": anomaly_map, "score": self.scorer.image_score(anomaly_map), "frame": self.guard(images, features[-1])}
+
+    def normal_level(self) -> torch.Tensor:
+        """Each pixel's normal level, which the image score is taken above (zero: the map itself)."""
+        return self.scorer.position_low
 
 
 @torch.no_grad()
@@ -341,8 +360,10 @@ def build_flow_scorer(config: CFlowConfig, channels: Sequence[int]) -> FlowScore
 
 class RefitFlows:
     """For detectors whose flows sit on a frozen extractor (cflow, clscnf): refit_on, which export
-    --int8 uses. The detector's _fit_flows(train, progress) fits the flows and all that is
-    calibrated after them."""
+    --int8 uses, and _settle_position_reference. The detector's _fit_flows(train, progress) fits
+    the flows and all that is calibrated after them, the per-place level settled last."""
+
+    position_standing: dict[bool, float] | None = None  # the synthetic defects' standing with / without the level, when auto measured it
 
     def refit_on(self, extractor: nn.Module, train: list[Sample], progress: bool) -> "Detector":
         """A copy whose flows, frame guard and thresholds are fitted again on what `extractor` (an
@@ -366,6 +387,43 @@ class RefitFlows:
             refit.model.extractor = own
         refit.model.eval().requires_grad_(False)
         return refit
+
+    @torch.no_grad()
+    def _settle_position_reference(self) -> None:
+        """position_reference auto -> on or off for this product, from the validation set; the
+        config says which from then on (and a checkpoint keeps it).
+
+        The per-place level trades sensitivity where good parts vary for fewer false alarms there.
+        On KolektorSDD it lifted image AUROC from 87 to 96 (the bright slot and border of good
+        parts); on MVTec bottle rotated and shifted at random, where the part moves from image to
+        image, the level was high almost everywhere and at the operating threshold 13 of 63 defects
+        passed as OK against 1 without it (cflow, seed 0). The threshold sits a few standard
+        deviations above the held-out good images' scores, so what counts is how far defects stand
+        above those scores in units of their spread: the level is kept where the synthetic defects'
+        median standing, (score - mean) / sd of the held-out good images' scores, is at least as
+        high with it as without. With fewer than STANDING_IMAGES held-out good images (or none) their
+        spread is too loose to decide on, and it is kept (on).
+        """
+        c, level = self.config, self.model.normal_level()
+        if c.position_reference != "auto":
+            return
+        keep = True
+        if self.validation is not None and len(self.validation.clean) >= STANDING_IMAGES and level.any():
+            self.position_standing = {use: self._defect_standing(level if use else torch.zeros_like(level)) for use in (True, False)}
+            keep = self.position_standing[True] >= self.position_standing[False]
+        if not keep:
+            level.zero_()
+        self.config = dataclasses.replace(c, position_reference="on" if keep else "off")
+
+    def _defect_standing(self, level: torch.Tensor) -> float:
+        """The validation set's synthetic defects' median (score - mean) / sd of the held-out good
+        images' scores, the image score taken above `level`."""
+        validation, reduce = self.validation, self.model.scorer.reduce
+        level = level.cpu()
+        good = reduce(torch.from_numpy(self.predict_images(validation.clean).maps) - level)
+        defective = torch.from_numpy(validation.labels == 1)
+        made = reduce(torch.from_numpy(self.predict_images(validation.images[defective]).maps) - level)
+        return float(np.median(((made - good.mean()) / good.std().clamp_min(1e-12)).numpy()))
 
 
 class CFlowDetector(RefitFlows, Detector):
@@ -396,5 +454,6 @@ class CFlowDetector(RefitFlows, Detector):
         self.fit_seconds["extract"] = time.perf_counter() - start
         start = time.perf_counter()
         self.loss_history = train_flows(model.scorer.flows, features, self.config, progress)
-        model.scorer.calibrate(features, self.config.position_reference)
+        model.scorer.calibrate(features, self.config.position_reference != "off")
+        self._settle_position_reference()
         self.fit_seconds["flows"] = time.perf_counter() - start

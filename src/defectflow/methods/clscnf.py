@@ -167,6 +167,10 @@ class ClsCNFModel(nn.Module):
         return {"map": fused, "score": self.scorer.reduce(fused - self.fused_low), "flow": flow,
                 "classifier": classifier, "frame": self.guard(images, features[-1])}
 
+    def normal_level(self) -> torch.Tensor:
+        """Each pixel's normal level in the fused map, which the image score is taken above."""
+        return self.fused_low
+
     def head_scales(self) -> torch.Tensor:
         """What each head's raw map (flow, classifier) is multiplied by in the fused map."""
         return torch.stack([torch.ones_like(self.fusion_weight), self.fusion_weight]) / (self.head_high - self.head_low).clamp_min(1e-12)
@@ -291,15 +295,15 @@ class ClsCNFDetector(RefitFlows, Detector):
 
         def features_of(batch: torch.Tensor) -> list[torch.Tensor]:
             features = model.extractor(batch)
-            if c.position_reference:  # for the fused map's level
+            if c.position_reference != "off":  # for the fused map's level
                 classifier_maps.append(torch.sigmoid(model.classifier_logits(features))[:, 0].cpu())
             return model.flow_features(batch, features)
 
         features = collect_features(features_of, images.split(c.batch_size), self.device)
         self.loss_history = train_flows(model.scorer.flows, features, c, progress)
-        flow_maps = model.scorer.calibrate(features, c.position_reference)
+        flow_maps = model.scorer.calibrate(features, c.position_reference != "off")
         self._normal_moments = None
-        if c.position_reference:
+        if c.position_reference != "off":
             # the heads' per-pixel moments over these images: what places the fused map's normal level for any fusion
             classifier, chunk = torch.cat(classifier_maps), c.batch_size
             self._normal_moments = sum(pixel_moments(flow_maps[i:i + chunk].cpu(), classifier[i:i + chunk])
@@ -307,6 +311,7 @@ class ClsCNFDetector(RefitFlows, Detector):
         self.fit_seconds["flows"] = time.perf_counter() - start
 
         self._fuse(c.fusion)
+        self._settle_position_reference()
         model.eval()
 
     def _tune_from_level(self) -> int:
@@ -405,7 +410,7 @@ class ClsCNFDetector(RefitFlows, Detector):
         weight = c.fusion_weight if c.fusion_weight is not None else 1.0 if fusion == "calibrated" else self._tune_fusion_weight()
         model.fusion_weight.fill_(weight)
         model.fused_low.zero_()
-        if self._normal_moments is not None:
+        if self._normal_moments is not None and self.config.position_reference != "off":
             model.fused_low.copy_(model.fused_level(self._normal_moments.to(model.fused_low.device)))
         self.config = dataclasses.replace(c, fusion=fusion)
 
