@@ -408,22 +408,23 @@ class RefitFlows:
         if c.position_reference != "auto":
             return
         keep = True
-        if self.validation is not None and len(self.validation.clean) >= STANDING_IMAGES and level.any():
-            self.position_standing = {use: self._defect_standing(level if use else torch.zeros_like(level)) for use in (True, False)}
+        validation = self.validation
+        if validation is not None and len(validation.clean) >= STANDING_IMAGES and level.any():
+            # the maps do not depend on the level: one pass each for the good images and the synthetic defects
+            good = torch.from_numpy(self.predict_images(validation.clean).maps)
+            made = torch.from_numpy(self.predict_images(validation.images[torch.from_numpy(validation.labels == 1)]).maps)
+            self.position_standing = {use: self._defect_standing(good, made, level.cpu() if use else 0.0) for use in (True, False)}
             keep = self.position_standing[True] >= self.position_standing[False]
         if not keep:
             level.zero_()
         self.config = dataclasses.replace(c, position_reference="on" if keep else "off")
 
-    def _defect_standing(self, level: torch.Tensor) -> float:
-        """The validation set's synthetic defects' median (score - mean) / sd of the held-out good
-        images' scores, the image score taken above `level`."""
-        validation, reduce = self.validation, self.model.scorer.reduce
-        level = level.cpu()
-        good = reduce(torch.from_numpy(self.predict_images(validation.clean).maps) - level)
-        defective = torch.from_numpy(validation.labels == 1)
-        made = reduce(torch.from_numpy(self.predict_images(validation.images[defective]).maps) - level)
-        return float(np.median(((made - good.mean()) / good.std().clamp_min(1e-12)).numpy()))
+    def _defect_standing(self, good: torch.Tensor, made: torch.Tensor, level: torch.Tensor | float) -> float:
+        """The synthetic defects' median (score - mean) / sd of the held-out good images' scores, from
+        their maps (`made`, `good`), the image score taken above `level`."""
+        reduce = self.model.scorer.reduce
+        good_scores, made_scores = reduce(good - level), reduce(made - level)
+        return float(np.median(((made_scores - good_scores.mean()) / good_scores.std().clamp_min(1e-12)).numpy()))
 
 
 class CFlowDetector(RefitFlows, Detector):
