@@ -21,8 +21,7 @@ import numpy as np
 from PIL import Image
 
 from defectflow.data.elpv import default_cache_dir
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+from defectflow.data.images import IMAGE_EXTENSIONS
 
 
 def moved_copy(source: Path, root: Path | None = None, rotation: float = 180.0, shift: float = 0.12) -> Path:
@@ -34,14 +33,14 @@ def moved_copy(source: Path, root: Path | None = None, rotation: float = 180.0, 
     manifest = root / "defectflow-moved.json"
     if manifest.is_file() and json.loads(manifest.read_text()) == params:
         return root
-    for path in sorted(p for p in (source / "train").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) + \
-            sorted(p for p in (source / "test").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+    images = (p for split in ("train", "test") for p in sorted((source / split).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS)
+    for path in images:
         relative = path.relative_to(source)
         rng = random.Random(str(relative))
-        move = dict(angle=rng.uniform(-rotation, rotation), translate=None)
         image = Image.open(path)
         width, height = image.size
-        move["translate"] = (int(rng.uniform(-shift, shift) * width), int(rng.uniform(-shift, shift) * height))
+        angle = rng.uniform(-rotation, rotation)
+        move = dict(angle=angle, translate=(int(rng.uniform(-shift, shift) * width), int(rng.uniform(-shift, shift) * height)))
         grey = np.asarray(image.convert("L"))
         # what the corners uncovered by the move show: the frame's usual border
         border = int(np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])))
