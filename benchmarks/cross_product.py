@@ -97,7 +97,6 @@ def main() -> None:
                     # the same training fused the other way (calibrated heads / weight tuned on synthetic defects)
                     other = "calibrated" if detector.config.fusion == "tuned" else "tuned"
                     detector.set_fusion(other)
-                    detector.thresholds = detector._choose_thresholds()
                     variants.append((f"{method} {setting}, fusion {other} ({size})", figures(detector, folder, row["train_seconds"])))
                 for label, row in variants:
                     results[f"{dataset}/{label}"] = row

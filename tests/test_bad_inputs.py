@@ -33,7 +33,8 @@ from defectflow.checkpoint import CONFIG_FILE, config_digest
 from defectflow.cli import main
 from defectflow.data.folder import AnomalyFolder
 from defectflow.data.images import image_size, read_image
-from defectflow.errors import CheckpointError, ConfigError, DataError
+from defectflow.errors import CheckpointError, ConfigError, DataError, TrainingError
+from defectflow.thresholds import Thresholds
 
 TINY = ["--input-size", "64", "--meta-epochs", "1", "--sub-epochs", "1", "--epoch-vectors", "2000", "--batch-size", "8", "--quiet"]
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -180,6 +181,9 @@ def test_train_refuses_its_out_before_training(corpus: Path, tmp_path: Path, cap
     assert "is a file" in error_line(capsys)
     assert main(["train", *data, "--out", str(tmp_path / "file" / "model"), "--quiet"]) == 2
     assert "is a file, not a folder" in error_line(capsys)
+    inside = corpus / "bottle" / "test" / "model"  # its images would be read as test images next time
+    assert main(["train", *data, "--out", str(inside), "--quiet"]) == 2
+    assert "lies inside" in error_line(capsys) and not inside.exists()
     monkeypatch.setattr("defectflow.files.os.access", lambda path, mode: False)  # a read-only parent (root ignores chmod)
     assert main(["train", *data, "--out", str(tmp_path / "new"), "--quiet"]) == 2
     assert "not writable" in error_line(capsys)
@@ -416,6 +420,7 @@ DAMAGE = [
     ("v1 no method", lambda m: m.pop("method"), 1, "lacks method"),
     ("v1 config is a list", lambda m: m.update(config=[1, 2]), 1, "config should be a JSON dict"),
     ("v1 bad thresholds", lambda m: m.update(thresholds={"image": "x"}), 1, "thresholds are malformed"),
+    ("v1 NaN threshold", lambda m: m.update(thresholds={"image": float("nan"), "pixel": 0.5, "rule": "far"}), 1, "thresholds must be finite numbers"),
 ]
 
 
@@ -425,7 +430,30 @@ def test_damaged_checkpoints_are_refused(edit, version, message, trained, tmp_pa
     with pytest.raises(CheckpointError, match=message.replace("[", r"\[").replace("]", r"\]")):
         defectflow.load(broken)
     assert main(["predict", str(tmp_path), "--checkpoint", str(broken), "--out", str(tmp_path / "p"), "--quiet"]) == 2
-    assert message in error_line(capsys)
+    err = error_line(capsys)
+    assert message in err and str(broken) in err
+
+
+def test_a_diverged_model_never_passes_a_frame_and_is_neither_kept_nor_loaded(trained, corpus: Path, tmp_path: Path, capsys) -> None:
+    """NaN compares false with everything: a NaN score or threshold would let every frame pass as OK."""
+    out = tmp_path / "diverged"
+    assert main(["train", "--data", str(corpus / "bottle"), "--out", str(out), *TINY, "--val-fraction", "0.5", "--lr", "100"]) == 2
+    assert "diverged" in error_line(capsys) and not out.exists()
+    detector = defectflow.load(trained[0])
+    with torch.no_grad():
+        next(detector.model.scorer.flows.parameters()).fill_(float("nan"))
+    detector.thresholds = Thresholds(image=0.5, pixel=0.5, rule="far")
+    image = sorted((corpus / "bottle" / "train" / "good").iterdir())[0]  # one the frame guard passes
+    prediction = detector.predict([image], progress=False)
+    assert np.isnan(prediction.scores).all() and prediction.verdicts == ["INVALID"] and prediction.defective.all()
+    assert prediction.frame_reasons == ["score is not a number"]
+    saved = detector.save(tmp_path / "nan")
+    with pytest.raises(CheckpointError, match="hold NaN or infinite values"):
+        defectflow.load(saved)
+    with pytest.raises(TrainingError, match="not finite"):
+        detector._check_finite()
+    with pytest.raises(ConfigError, match="not trained"):
+        detector.predict([image], progress=False)
 
 
 def test_version_1_checkpoints_still_load(trained, tmp_path: Path) -> None:
@@ -514,3 +542,9 @@ def test_export_prints_a_command_that_works(trained, corpus: Path, tmp_path: Pat
     assert main([*command[1:-1], str(images), "--out", str(tmp_path / "p"), "--quiet"]) == 0
     int8 = [*command[1:-1], "--backend", "openvino-int8"]
     assert main([*int8, str(images), "--out", str(tmp_path / "q"), "--quiet"]) == 0
+    # the ONNX file gone and its INT8 model still there: that is replaced only when asked
+    onnx.unlink()
+    before = (tmp_path / "elsewhere" / "x-int8.xml").read_bytes()
+    assert main(["export", "--checkpoint", str(trained[0]), "--out", str(onnx), "--int8", "--quiet"]) == 2
+    assert "x-int8.xml already exists" in error_line(capsys) and not onnx.exists()
+    assert (tmp_path / "elsewhere" / "x-int8.xml").read_bytes() == before

@@ -50,8 +50,11 @@ def test_validation_set_comes_from_held_out_training_images(trained, small_bottl
 
 def test_tuned_fusion_weight_is_the_best_on_validation(trained) -> None:
     assert defectflow.create("clscnf").config.fusion == "calibrated"  # the paper's tuned weight is an option
+    calibrated_thresholds = trained.thresholds
     trained.set_fusion("tuned")
     try:
+        # the scores moved, and the operating thresholds with them: those the validation set gives the new fusion
+        assert trained.thresholds == trained._choose_thresholds() != calibrated_thresholds
         weight = trained.model.fusion_weight.item()
         assert weight in FUSION_WEIGHTS
         assert trained.fusion_scores[weight] == max(trained.fusion_scores.values())

@@ -13,6 +13,7 @@ from PIL import Image
 from scipy import ndimage
 
 import defectflow
+from conftest import link_bottle_slice
 from defectflow.checkpoint import CONFIG_FILE, read_checkpoint, save_checkpoint
 from defectflow.data.folder import AnomalyFolder, Sample, fitted_size
 from defectflow.data.images import resize_mask
@@ -137,6 +138,9 @@ def test_non_square_images_through_every_method(method: str, bottle: Path, tmp_p
         for backend in ("onnx", "openvino"):
             exported = defectflow.load(checkpoint, backend=backend).predict(folder, progress=False)
             np.testing.assert_allclose(exported.maps, again.maps, atol=1e-4 * max(1.0, np.abs(again.maps).max()))
+    if method == "cflow":  # fitted again on square images, the same detector fits their size, not the last data's
+        detector.fit(link_bottle_slice(bottle, tmp_path / "square"), progress=False)
+        assert detector.image_size == (64, 64) and detector.requested.input_size == (64,)
 
 
 @pytest.mark.slow

@@ -30,6 +30,15 @@ def test_16bit_image_uses_full_range(tmp_path: Path) -> None:
     assert abs(image.mean().item() - 0.5) < 0.01
 
 
+@pytest.mark.parametrize(("suffix", "dtype"), [(".png", np.uint16), (".tif", np.int32)])
+def test_dark_16bit_image_stays_dark(tmp_path: Path, suffix: str, dtype: type) -> None:
+    # values an 8-bit image could hold, in a 16-bit (or 32-bit integer) file: a dark frame, not a bright one
+    path = tmp_path / f"dark{suffix}"
+    Image.fromarray(np.full((20, 20), 200, dtype=dtype)).save(path)
+    assert Image.open(path).mode.startswith("I")
+    assert load_image(path, 32).max().item() == pytest.approx(200 / 65535, abs=1e-6)
+
+
 def test_corrupt_image_error_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "broken.png"
     good = tmp_path / "good.png"

@@ -1,7 +1,7 @@
 """defectflow: unsupervised visual anomaly detection for industrial inspection."""
 
 from .data.folder import AnomalyFolder
-from .errors import CheckpointError, ConfigError, DataError, DefectflowError, WeightsError
+from .errors import CheckpointError, ConfigError, DataError, DefectflowError, TrainingError, WeightsError
 from .memory import keep_freed_memory
 from .methods import METHODS, Detector, Evaluation, Prediction, create, load
 
@@ -9,5 +9,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnomalyFolder", "CheckpointError", "ConfigError", "DataError", "DefectflowError", "Detector",
-    "Evaluation", "METHODS", "Prediction", "WeightsError", "create", "keep_freed_memory", "load",
+    "Evaluation", "METHODS", "Prediction", "TrainingError", "WeightsError", "create", "keep_freed_memory", "load",
 ]

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from . import methods
-from .backends import BACKENDS
+from .backends import BACKENDS, int8_path, meta_path
 from .bench import EXECUTORS, evaluate_saved, find_checkpoints, run_bench
 from .bench_ray import RaySettings
 from .checkpoint import CONFIG_FILE, check_target
@@ -25,7 +25,7 @@ from .data.folder import AnomalyFolder, fitted_size, samples_from_paths, scanned
 from .data.images import load_image
 from .data.synthetic import DefectSynthesizer, TextureSource, sample_generator
 from .data.named import DATASETS, category_root
-from .errors import DefectflowError, DefectflowWarning
+from .errors import CheckpointError, DefectflowError, DefectflowWarning
 from .export import ONNX_FILE, export_int8, export_onnx
 from .files import containing
 from .memory import keep_freed_memory
@@ -164,10 +164,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _report_failed(evaluation.prediction.failed, out / "results.json")
 
 
+def _outside_data(out: Path, folder: AnomalyFolder, why: str) -> None:
+    """Refuse an output path inside the folders a category is read from."""
+    container = containing(out, scanned_folders(folder.root))
+    if container is not None:
+        raise DefectflowError(f"--out {out} lies inside {container}, which is read as data ({why}); choose an --out outside it.")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     detector = methods.create(args.method, **_config_overrides(args, args.method))
     check_target(args.out, args.overwrite)  # before training, not after it
     folder = _folder(args, require_test=False)
+    _outside_data(args.out, folder, "its images would be read as the category's")
     start = time.perf_counter()
     detector.fit(folder, progress=not args.quiet)
     path = detector.save(args.out, overwrite=args.overwrite)
@@ -268,8 +276,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> None:
     detector = methods.load(args.checkpoint, device="cpu")
-    if args.int8:  # the calibration data is found before the slow export
+    if args.int8:  # the calibration data is found, and the INT8 files checked, before the slow export
         folder, _ = _given_or_trained_on(args, detector, require_test=False)
+        int8 = int8_path(args.out if args.out is not None else args.checkpoint / ONNX_FILE)
+        present = [p for p in (int8, int8.with_suffix(".bin"), meta_path(int8)) if p.exists()]
+        if present and not args.overwrite:
+            raise CheckpointError(f"{present[0]} already exists; pass --overwrite to replace the INT8 model.")
     path = export_onnx(detector, args.checkpoint, args.out, overwrite=args.overwrite)
     custom = "" if path == Path(args.checkpoint) / ONNX_FILE else f" --onnx {path}"
     print(f"Exported {detector.method} to {path}; run it with "
@@ -311,10 +323,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
     if args.out.exists() and not args.overwrite:
         raise DefectflowError(f"{args.out} already exists; choose another --out or pass --overwrite.")
     folder = _folder(args, require_test=False)
-    container = containing(args.out, scanned_folders(folder.root))
-    if container is not None:
-        raise DefectflowError(f"--out {args.out} lies inside {container}, which is read as data (the picture would become a "
-                              "training or test image); choose an --out outside it.")
+    _outside_data(args.out, folder, "the picture would become a training or test image")
     train = folder.train
     size = fitted_size(train, args.input_size)
     images = torch.stack([load_image(s.path, size) for s in train[: max(args.count, 8)]])

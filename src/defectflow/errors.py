@@ -17,6 +17,10 @@ class CheckpointError(DefectflowError):
     """A checkpoint is missing, corrupt, foreign, of an unknown version, or would be overwritten."""
 
 
+class TrainingError(DefectflowError):
+    """Training did not give a usable model (it diverged: weights or thresholds are not numbers)."""
+
+
 class ConfigError(DefectflowError):
     """An option has a value the method cannot use."""
 

@@ -54,8 +54,10 @@ class Thresholds:
     def from_json(cls, data: dict[str, Any]) -> "Thresholds":
         try:
             extrapolated = data.get("extrapolated_from")
-            return cls(float(data["image"]), float(data["pixel"]), str(data["rule"]), data.get("target_far"),
-                       None if extrapolated is None else int(extrapolated))
+            image, pixel = float(data["image"]), float(data["pixel"])
+            if not np.isfinite([image, pixel]).all():  # every score would compare false with NaN: all frames OK
+                raise ValueError("thresholds must be finite numbers")
+            return cls(image, pixel, str(data["rule"]), data.get("target_far"), None if extrapolated is None else int(extrapolated))
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"The checkpoint's thresholds are malformed ({exc!r}): {data}") from None
 

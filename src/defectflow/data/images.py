@@ -59,9 +59,9 @@ def _orientation(image: Image.Image) -> int:
 def _to_float_rgb(image: Image.Image) -> np.ndarray:
     """HxWx3 float32 in [0, 1] for any PIL mode."""
     if image.mode in _SIXTEEN_BIT_MODES:
-        array = np.asarray(image, dtype=np.float32)
-        scale = 65535.0 if array.max(initial=0) > 255 or image.mode != "I" else 255.0
-        array = np.clip(array / scale, 0.0, 1.0)
+        # one scale for every frame, whatever its content: a dark 16-bit frame (a failed exposure)
+        # must stay dark, not be stretched as if it were an 8-bit one
+        array = np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
         return np.repeat(array[..., None], 3, axis=2)
     if image.mode == "F":
         array = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)

@@ -37,7 +37,12 @@ def load(path: str | Path, device: str | None = None, backend: str = "torch", on
     method = meta.get("method")
     if method not in METHODS:
         raise CheckpointError(f"{path} holds a {method!r} model, which this defectflow does not know.")
-    detector = METHODS[method].from_checkpoint(meta, state, device)
+    try:
+        detector = METHODS[method].from_checkpoint(meta, state, device)
+    except CheckpointError as exc:
+        what = str(exc) if str(exc).endswith((".", "?")) else f"{exc}."
+        raise CheckpointError(f"{path}: {what} If another version of defectflow wrote it, load it with that version; "
+                              "otherwise retrain the model (defectflow train).") from None
     root = detector.trained_on["root"] if detector.trained_on else None
     if root is not None and not Path(root).is_absolute():  # older checkpoints: relative to the checkpoint, not the cwd
         detector.trained_on = {**detector.trained_on, "root": os.path.normpath(Path(path).absolute() / root)}

@@ -31,7 +31,7 @@ from ..data.folder import (
 )
 from ..data.images import MASK_RESAMPLING, Size
 from ..data.synthetic import DefectSynthesizer, TextureSource, ValidationSet, build_validation_set, list_images_recursive
-from ..errors import CheckpointError, ConfigError, DataError, DefectflowWarning
+from ..errors import CheckpointError, ConfigError, DataError, DefectflowWarning, TrainingError
 from ..features.extractor import FeatureExtractor
 from ..heads.guard import input_statistics, reasons
 from ..metrics import compute_metrics
@@ -162,6 +162,11 @@ class DetectorConfig:
         return config
 
 
+def not_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors that hold NaN or infinite values."""
+    return [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+
+
 def _fits(value: Any, hint: Any) -> bool | None:
     """Whether value fits a config type hint; None for a hint this does not know (not checked)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -247,13 +252,16 @@ class Prediction:
     @property
     def invalid(self) -> np.ndarray:
         """Per image: True where the frame is not like the product's good training images at all
-        (blank, saturated, noise, another product...), whatever its anomaly score."""
-        return np.zeros(len(self.scores), bool) if self.frame is None else (self.frame > 1).any(axis=1)
+        (blank, saturated, noise, another product...), whatever its anomaly score, or where its
+        score is not a number (every comparison with NaN is false: it would pass as OK)."""
+        unscored = ~np.isfinite(self.scores)
+        return unscored if self.frame is None else unscored | (self.frame > 1).any(axis=1)
 
     @property
     def frame_reasons(self) -> list[str]:
-        """Per image: the guard's checks it fails ("" when it passes)."""
-        return [""] * len(self.scores) if self.frame is None else reasons(self.frame)
+        """Per image: the guard's checks it fails, and whether its score is not a number ("" when it passes)."""
+        checks = [""] * len(self.scores) if self.frame is None else reasons(self.frame)
+        return [", ".join(filter(None, (check, "" if np.isfinite(score) else "score is not a number"))) for check, score in zip(checks, self.scores)]
 
     @property
     def defective(self) -> np.ndarray | None:
@@ -384,6 +392,7 @@ class Detector:
         except TypeError as exc:
             raise ConfigError(f"{self.method}: {exc}") from None
         self.config.validate()
+        self.requested = self.config  # the options as asked: each fit() settles what they leave open (auto sizes, levels)
         self.device = resolve_device(self.config.device)
         self.model: nn.Module | None = None
         self.fit_seconds: dict[str, float] = {}
@@ -431,7 +440,7 @@ class Detector:
         A share (val_fraction) of them is held out as a synthetic validation set: methods may
         choose epochs or weights on it, and the operating thresholds are chosen on it last.
         """
-        c = self.config
+        self.config = c = self.requested  # not what an earlier fit() settled for other data
         torch.manual_seed(c.seed)
         np.random.seed(c.seed)
         if isinstance(data, (str, Path)):
@@ -454,9 +463,23 @@ class Detector:
         self._calibrate_guard(kept)
         if self.validation is not None:
             self.thresholds = self._choose_thresholds()
-            if self.thresholds.note is not None:
-                warnings.warn(self.thresholds.note, DefectflowWarning, stacklevel=2)
+        self._check_finite()
+        if self.thresholds is not None and self.thresholds.note is not None:
+            warnings.warn(self.thresholds.note, DefectflowWarning, stacklevel=2)
         return self
+
+    def _check_finite(self) -> None:
+        """Refuse a model that training left unable to score: a diverged loss leaves weights, levels
+        or thresholds that are NaN or infinite, and with a NaN threshold every frame would pass as OK."""
+        bad = not_finite(self.model.state_dict())
+        if self.thresholds is not None and not np.isfinite([self.thresholds.image, self.thresholds.pixel]).all():
+            bad.append(f"operating thresholds (image {self.thresholds.image}, pixel {self.thresholds.pixel})")
+        if bad:
+            self.model, self.thresholds = None, None
+            shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+            raise TrainingError(f"Training {self.method} diverged: {shown} are not finite numbers (NaN or infinite), so this model "
+                                "cannot score images and was not kept. Lower the learning rate (--lr, and --cls-lr for clscnf), "
+                                "or check the training images (any that are blank or corrupt).")
 
     def _no_validation_note(self, n_train: int) -> str:
         """Why fit() made no validation set, so no operating thresholds (OK/DEFECT) either."""
@@ -623,6 +646,10 @@ class Detector:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise CheckpointError(f"The checkpoint's weights do not fit a {cls.method} model with its config: {exc}") from None
+        bad = not_finite(state)
+        if bad:
+            raise CheckpointError(f"The checkpoint's weights {', '.join(bad[:4])} hold NaN or infinite values (its training diverged), "
+                                  "so it cannot score images: retrain the model.")
         detector.model = model.to(detector.device).eval().requires_grad_(False)  # frozen: see FeatureExtractor
         thresholds = meta.get("thresholds")
         detector.thresholds = None if thresholds is None else Thresholds.from_json(thresholds)

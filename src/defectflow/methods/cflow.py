@@ -385,6 +385,7 @@ class RefitFlows:
             refit.thresholds = refit._choose_thresholds() if refit.validation is not None else None
         finally:
             refit.model.extractor = own
+        refit._check_finite()
         refit.model.eval().requires_grad_(False)
         return refit
 
@@ -405,6 +406,7 @@ class RefitFlows:
         spread is too loose to decide on, and it is kept (on).
         """
         c, level = self.config, self.model.normal_level()
+        self.position_standing = None
         if c.position_reference != "auto":
             return
         keep = True

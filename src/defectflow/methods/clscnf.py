@@ -390,11 +390,13 @@ class ClsCNFDetector(RefitFlows, Detector):
     def set_fusion(self, fusion: str) -> None:
         """Fuse the heads of a detector trained here the other way (e.g. to compare the two fusions of
         one training). It needs the validation set fit() built: a loaded detector has none, and
-        re-fusing it would drop its calibration."""
+        re-fusing it would drop its calibration. The operating thresholds are chosen again: the
+        fused scores moved under them."""
         if self.validation is None:
             raise ConfigError("set_fusion needs the synthetic validation set that fit() builds, and this detector has none "
                               f"(loaded from a checkpoint, or trained without held-out images): train with fusion={fusion!r} instead.")
         self._fuse(fusion)
+        self.thresholds = self._choose_thresholds()
 
     def _fuse(self, fusion: str) -> None:
         """Put the heads' scales and the classifier's weight in the model for `fusion` (see the module doc)."""
