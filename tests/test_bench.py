@@ -69,7 +69,7 @@ def test_resume_redoes_only_unfinished_runs(bench, dataset: Path) -> None:
     assert finished.stat().st_mtime_ns == stamp
     assert sum(r.status == "ok" for r in records) == 2
 
-    with pytest.raises(ConfigError, match="other options"):
+    with pytest.raises(ConfigError, match=r"other options \(meta_epochs 1 there, 2 now\)"):  # says which
         run_bench(out, "folder", dataset, ["bottle"], ["cflow"], runs=1, options={"cflow": {**TINY["cflow"], "meta_epochs": 2}},
                   progress=False, log=lines.append)
 

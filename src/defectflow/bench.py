@@ -203,10 +203,13 @@ def run_bench(
     for method, name, _, k in plan:
         record = RunRecord.read(out / method / name / f"run-{k}" / RUN_FILE)
         if record is not None and record.status == "ok":
-            if record.config != configs[method][k]:
+            asked = configs[method][k]
+            differ = [f"{key} {record.config.get(key)!r} there, {asked.get(key)!r} now"
+                      for key in sorted(set(record.config) | set(asked)) if record.config.get(key) != asked.get(key)]
+            if differ:
                 raise ConfigError(
-                    f"{out / method / name / f'run-{k}'} was made with other options; continue it with the same "
-                    "options, or choose another --out."
+                    f"{out / method / name / f'run-{k}'} was made with other options ({'; '.join(differ)}); continue it "
+                    "with the same options (or those of the defectflow version that made it), or choose another --out."
                 )
             if None not in (record.data_root, data_roots[name]) and record.data_root != data_roots[name]:
                 raise ConfigError(
