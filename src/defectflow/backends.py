@@ -42,6 +42,12 @@ def int8_path(onnx: Path) -> Path:
     return onnx.with_name(onnx.stem + "-int8.xml")
 
 
+def int8_files(onnx: Path) -> list[Path]:
+    """Every file `export --int8` writes for an ONNX file: the INT8 model (.xml, .bin) and its meta."""
+    path = int8_path(onnx)
+    return [path, path.with_suffix(".bin"), meta_path(path)]
+
+
 def export_command(checkpoint: Path, onnx: Path, int8: bool) -> str:
     custom = f" --out {onnx}" if onnx != checkpoint / ONNX_FILE else ""
     return f"defectflow export --checkpoint {checkpoint}{custom}{' --int8' if int8 else ''} --overwrite"

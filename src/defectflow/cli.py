@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from . import methods
-from .backends import BACKENDS, int8_path, meta_path
+from .backends import BACKENDS, int8_files
 from .bench import EXECUTORS, evaluate_saved, find_checkpoints, run_bench
 from .bench_ray import RaySettings
 from .checkpoint import CONFIG_FILE, check_target
@@ -278,8 +278,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     detector = methods.load(args.checkpoint, device="cpu")
     if args.int8:  # the calibration data is found, and the INT8 files checked, before the slow export
         folder, _ = _given_or_trained_on(args, detector, require_test=False)
-        int8 = int8_path(args.out if args.out is not None else args.checkpoint / ONNX_FILE)
-        present = [p for p in (int8, int8.with_suffix(".bin"), meta_path(int8)) if p.exists()]
+        present = [p for p in int8_files(args.out if args.out is not None else args.checkpoint / ONNX_FILE) if p.exists()]
         if present and not args.overwrite:
             raise CheckpointError(f"{present[0]} already exists; pass --overwrite to replace the INT8 model.")
     path = export_onnx(detector, args.checkpoint, args.out, overwrite=args.overwrite)

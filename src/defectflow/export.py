@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .backends import (EXPORT_FORMAT, EXPORT_VERSION, META_DIGEST, ONNX_FILE, OPENVINO_CONFIG, OpenVinoBackend,
-                       OpenVinoInt8Backend, int8_path, meta_path, openvino_core)
+                       OpenVinoInt8Backend, int8_files, int8_path, meta_path, openvino_core)
 from .checkpoint import CONFIG_FILE
 from .data.folder import AnomalyFolder, Sample, load_images
 from .data.synthetic import ValidationSet
@@ -176,7 +176,7 @@ def export_int8(detector, checkpoint: str | Path, folder: AnomalyFolder, onnx: s
     thresholds = {} if deployed.thresholds is None else {"thresholds": deployed.thresholds.to_json()}
     path = int8_path(onnx)
     ov.save_model(model, str(path), compress_to_fp16=False)
-    files = [path, path.with_suffix(".bin")]
+    files = int8_files(onnx)[:2]  # the model's files; write_meta adds the meta beside them
     meta = dict(calibration_images=len(images), flows_fitted_on_int8=True, **thresholds)
     # written twice: the INT8 backend that the check runs refuses files without a current meta
     write_meta(checkpoint, path, files, fp32.outputs, detector.image_size, **meta)

@@ -47,6 +47,11 @@ class Thresholds:
                 f"held-out good images (a Gumbel fit of their scores; an empirical one needs {int(np.ceil(1 / self.target_far))}): "
                 "its false-alarm rate is an estimate. Hold out more good images (--val-fraction) or add good training images.")
 
+    @property
+    def finite(self) -> bool:
+        """Whether both thresholds are numbers: every score compares false with NaN (all frames OK)."""
+        return bool(np.isfinite([self.image, self.pixel]).all())
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -54,10 +59,11 @@ class Thresholds:
     def from_json(cls, data: dict[str, Any]) -> "Thresholds":
         try:
             extrapolated = data.get("extrapolated_from")
-            image, pixel = float(data["image"]), float(data["pixel"])
-            if not np.isfinite([image, pixel]).all():  # every score would compare false with NaN: all frames OK
+            thresholds = cls(float(data["image"]), float(data["pixel"]), str(data["rule"]), data.get("target_far"),
+                             None if extrapolated is None else int(extrapolated))
+            if not thresholds.finite:
                 raise ValueError("thresholds must be finite numbers")
-            return cls(image, pixel, str(data["rule"]), data.get("target_far"), None if extrapolated is None else int(extrapolated))
+            return thresholds
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"The checkpoint's thresholds are malformed ({exc!r}): {data}") from None
 

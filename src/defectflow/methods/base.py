@@ -472,7 +472,7 @@ class Detector:
         """Refuse a model that training left unable to score: a diverged loss leaves weights, levels
         or thresholds that are NaN or infinite, and with a NaN threshold every frame would pass as OK."""
         bad = not_finite(self.model.state_dict())
-        if self.thresholds is not None and not np.isfinite([self.thresholds.image, self.thresholds.pixel]).all():
+        if self.thresholds is not None and not self.thresholds.finite:
             bad.append(f"operating thresholds (image {self.thresholds.image}, pixel {self.thresholds.pixel})")
         if bad:
             self.model, self.thresholds = None, None
