@@ -13,6 +13,7 @@ import types
 import typing
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator, Sequence, TypeVar
@@ -33,6 +34,7 @@ from ..data.images import MASK_RESAMPLING, Size
 from ..data.synthetic import DefectSynthesizer, TextureSource, ValidationSet, build_validation_set, list_images_recursive
 from ..errors import CheckpointError, ConfigError, DataError, DefectflowWarning, TrainingError
 from ..features.extractor import FeatureExtractor
+from ..features.precision import float32_depthwise
 from ..heads.guard import input_statistics, reasons
 from ..metrics import compute_metrics
 from ..scoring import IMAGE_REDUCTIONS, footprint, image_scores
@@ -96,7 +98,8 @@ class DetectorConfig:
     train_precision: str = option(
         "auto", "arithmetic of training: bf16 (bfloat16 autocast of the networks' matrix products and convolutions), "
         "fp32, or auto (bf16 where the device computes it natively: CPUs with AVX-512 BF16 or AMX, CUDA GPUs from "
-        "Ampere on; fp32 elsewhere, where bf16 would be slower). Inference is float32 whatever this says",
+        "Ampere on; fp32 elsewhere, where bf16 would be slower). On a CPU, depthwise convolutions that train stay fp32, "
+        "where bf16 is slower (features/precision.py). Inference is float32 whatever this says",
     )
 
     @property
@@ -321,10 +324,19 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and native_bf16(device))
 
 
-def train_autocast(precision: str, device: torch.device) -> torch.autocast:
+@contextmanager
+def train_autocast(precision: str, device: torch.device, model: nn.Module | None = None) -> Iterator[None]:
     """The autocast context of a training forward pass: bfloat16 when use_bf16, else a no-op.
-    bfloat16 has float32's range, so the losses need no gradient scaler (float16 would)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(precision, device))
+    bfloat16 has float32's range, so the losses need no gradient scaler (float16 would). On a CPU
+    the depthwise convolutions of `model` that train stay float32, where bf16 is slower
+    (features/precision.py)."""
+    enabled = use_bf16(precision, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
+        if enabled and device.type == "cpu" and model is not None:
+            with float32_depthwise(model):
+                yield
+        else:
+            yield
 
 
 def resolve_device(name: str) -> torch.device:

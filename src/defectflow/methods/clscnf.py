@@ -346,7 +346,7 @@ class ClsCNFDetector(RefitFlows, Detector):
             total = torch.zeros((), device=self.device)  # summed on the device: no host sync per step
             for batch, target in itertools.islice(batches, made.steps_per_epoch):
                 batch, target = batch.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
-                with train_autocast(c.train_precision, self.device):
+                with train_autocast(c.train_precision, self.device, model.extractor):
                     with torch.set_grad_enabled(joint):
                         features = model.extractor(batch)
                     logits = model.classifier_logits(features)
