@@ -40,6 +40,7 @@ def test_train_autocast_keeps_depthwise_float32_on_cpu_only_when_bf16() -> None:
         assert _dtypes(model, x) == [torch.bfloat16] * 3
     with train_autocast("fp32", torch.device("cpu"), model):
         assert _dtypes(model, x) == [torch.float32] * 3
-    output = model(x)
-    output.sum().backward()  # gradients flow through the float32 convolutions as usual
-    assert model[0].weight.grad is not None
+    with train_autocast("bf16", torch.device("cpu"), model):
+        output = model(x)
+    output.float().sum().backward()  # gradients flow through the float32 convolutions as usual
+    assert model[0].weight.grad is not None and model[0].weight.grad.dtype == torch.float32

@@ -2,7 +2,7 @@
 
 On CPUs with bf16 units (AMX), oneDNN's bfloat16 depthwise convolution is slower than its float32
 one, most of all backward: forward + backward of a 5 x 5 depthwise convolution (144 channels, 8 x 32
-x 32) took 26.2 ms in bf16 against 6.4 ms in fp32, while pointwise and dense convolutions were 1.3-2x
+x 32) took 26.2 ms in bf16 against 6.4 ms in fp32, while pointwise and dense convolutions were 1.2-1.9x
 faster in bf16. EfficientNets are half depthwise convolutions, so fine-tuning one under bf16 autocast
 was slower than in fp32 (clscnf's joint step at 640 x 256: 1.37 s against 1.04 s). Keeping only the
 depthwise convolutions that train in float32 gives bf16's speed to the rest (benchmarks/README.md,
@@ -28,7 +28,7 @@ def float32_depthwise(model: nn.Module) -> Iterator[int]:
     outside autocast, in float32 (its input cast up); the others, and every other layer, as autocast
     says. Yields how many convolutions it watches. Hooks, removed on leaving: the model and its state
     dict are unchanged."""
-    guards: list[torch.autocast] = []  # a stack: one entry per convolution running now
+    guards: list[torch.autocast | None] = []  # a stack: one entry per convolution running now
 
     def enter(module: nn.Conv2d, args: tuple) -> tuple | None:
         device = args[0].device.type

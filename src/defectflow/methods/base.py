@@ -13,7 +13,7 @@ import types
 import typing
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator, Sequence, TypeVar
@@ -331,12 +331,9 @@ def train_autocast(precision: str, device: torch.device, model: nn.Module | None
     the depthwise convolutions of `model` that train stay float32, where bf16 is slower
     (features/precision.py)."""
     enabled = use_bf16(precision, device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
-        if enabled and device.type == "cpu" and model is not None:
-            with float32_depthwise(model):
-                yield
-        else:
-            yield
+    depthwise = float32_depthwise(model) if enabled and device.type == "cpu" and model is not None else nullcontext()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled), depthwise:
+        yield
 
 
 def resolve_device(name: str) -> torch.device:
