@@ -115,9 +115,23 @@ def test_stage_one_batches_do_not_depend_on_the_workers_that_made_them() -> None
     expected = synthesizer(images[first], sample_generator(3, epoch, first))
     torch.testing.assert_close(made[4][0][0], expected.image, rtol=0, atol=0)
     torch.testing.assert_close(made[4][1][0], expected.target, rtol=0, atol=0)
-    here = list(torch.utils.data.DataLoader(made, batch_size=None, num_workers=0))
-    workers = list(torch.utils.data.DataLoader(made, batch_size=None, num_workers=2))
-    assert sum(float(target.sum()) for _, target in here) > 0  # some defects were drawn
-    for (a, ta), (b, tb) in zip(here, workers, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-        torch.testing.assert_close(ta, tb, rtol=0, atol=0)
+    here = list(torch.utils.data.DataLoader(_AsBytes(made), batch_size=None, num_workers=0))
+    workers = list(torch.utils.data.DataLoader(_AsBytes(made), batch_size=None, num_workers=2))
+    assert any(np.frombuffer(target, np.float32).any() for _, target in here)  # some defects were drawn
+    differ = [k for k, (mine, theirs) in enumerate(zip(here, workers, strict=True)) if mine != theirs]
+    assert not differ, f"worker processes made other images or targets in batches {differ}"
+
+
+class _AsBytes(torch.utils.data.Dataset):
+    """A dataset's tensors as bytes: what a worker made reaches the test through the pipe, not
+    through torch's shared-memory tensor transport (whose rare corruption on one CI machine,
+    NaNs in 408 of 4096 target values, is not what this test is about)."""
+
+    def __init__(self, made: SyntheticBatches) -> None:
+        self.made = made
+
+    def __len__(self) -> int:
+        return len(self.made)
+
+    def __getitem__(self, k: int) -> tuple[bytes, ...]:
+        return tuple(t.numpy().tobytes() for t in self.made[k])
