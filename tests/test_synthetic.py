@@ -124,8 +124,9 @@ def test_stage_one_batches_do_not_depend_on_the_workers_that_made_them() -> None
 
 class _AsBytes(torch.utils.data.Dataset):
     """A dataset's tensors as bytes: what a worker made reaches the test through the pipe, not
-    through torch's shared-memory tensor transport (whose rare corruption on one CI machine,
-    NaNs in 408 of 4096 target values, is not what this test is about)."""
+    through torch's shared-memory tensor transport, which this test is not about (one CI run got
+    a worker's batch with NaNs in 408 of 4096 target values and images that matched; not
+    reproduced here, the transport is the suspect, not proven)."""
 
     def __init__(self, made: SyntheticBatches) -> None:
         self.made = made
